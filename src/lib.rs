@@ -1,0 +1,10 @@
+//! kiln: a graph-compiled kernel runtime.
+//!
+//! A model architecture is a RON op-graph ([`graph`]); a GGUF file ([`model`])
+//! binds it to weights and hyperparameters; the CPU [`reference`] interpreter
+//! runs the bound graph and is the oracle every GPU kernel is checked against.
+
+pub mod error;
+pub mod graph;
+pub mod model;
+pub mod reference;
