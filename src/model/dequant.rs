@@ -69,7 +69,7 @@ fn check(dtype: DType, n_bytes: usize, n_elems: usize) -> Result<(), DequantErro
         return Err(DequantError::Unsupported { dtype });
     }
     let block_size = dtype.block_size();
-    if n_elems % block_size != 0 {
+    if !n_elems.is_multiple_of(block_size) {
         return Err(DequantError::PartialBlock {
             dtype,
             n_elems,
