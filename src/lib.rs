@@ -8,4 +8,4 @@ pub mod error;
 pub mod graph;
 pub mod model;
 pub mod reference;
-// pub mod session; (parked until the tokenizer lands)
+pub mod session;

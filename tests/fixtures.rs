@@ -31,27 +31,43 @@ fn check_exact(m: &Loaded, fixture_name: &str) {
         assert_eq!(logits.rows(), case.prompt_ids.len());
         for row in &case.logits {
             let got = logits.row(row.pos);
-            let diffs: Vec<f64> = row.top.iter().map(|&(t, l)| (got[t as usize] as f64 - l).abs()).collect();
+            let diffs: Vec<f64> = row
+                .top
+                .iter()
+                .map(|&(t, l)| (got[t as usize] as f64 - l).abs())
+                .collect();
             let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
             let max = diffs.iter().cloned().fold(0.0, f64::max);
             assert!(
                 mean <= 0.01 && max <= 0.05,
                 "{fixture_name} {:?} pos {}: mean |diff| {mean:.4} (≤ 0.01), max {max:.4} (≤ 0.05)",
-                case.prompt, row.pos
+                case.prompt,
+                row.pos
             );
             let s = kiln::session::summarize(row.pos, got, 16);
-            assert!((s.mean - row.mean).abs() < 0.01 && (s.std - row.std).abs() < 0.01,
-                "{fixture_name} {:?} pos {}: mean/std {}/{} vs {}/{}", case.prompt, row.pos, s.mean, s.std, row.mean, row.std);
+            assert!(
+                (s.mean - row.mean).abs() < 0.01 && (s.std - row.std).abs() < 0.01,
+                "{fixture_name} {:?} pos {}: mean/std {}/{} vs {}/{}",
+                case.prompt,
+                row.pos,
+                s.mean,
+                s.std,
+                row.mean,
+                row.std
+            );
         }
     }
 }
 
-/// Against llama.cpp: top-1 equal where its top two differ by > 0.5; mean
-/// |diff| ≤ 0.4 and max ≤ 1.5 over its top 16 (it quantizes activations to
-/// 8 bits, see tests/fixtures/README.md); greedy continuation equal until the
-/// first step whose top two (kiln's) are within 0.5.
+/// Against llama.cpp: top-1 equal where its top two differ by > 0.5; over its
+/// top 16 at all positions, mean |diff| ≤ 0.4 and max ≤ 1.5 (it quantizes
+/// activations to 8 bits, see tests/fixtures/README.md: the exact reference
+/// itself sits at 0.18-0.20 mean, 1.14 max); greedy continuation equal until
+/// the first step whose top two (kiln's) are within 0.5.
 fn check_llamacpp(m: &Loaded, fixture_name: &str) {
     let fx = fixture(fixture_name);
+    let mut all_diffs = Vec::new();
+    let mut total_compared = 0;
     for case in &fx.cases {
         let mut r = Reference::new(&m.bound, &m.gguf, 256).unwrap();
         let logits = r.forward(&case.prompt_ids, false).unwrap();
@@ -59,12 +75,17 @@ fn check_llamacpp(m: &Loaded, fixture_name: &str) {
             let got = logits.row(row.pos);
             let ours = kiln::session::summarize(row.pos, got, 2);
             if row.top[0].1 - row.top[1].1 > 0.5 {
-                assert_eq!(ours.top[0].0, row.top[0].0, "{fixture_name} {:?} pos {}: top-1", case.prompt, row.pos);
+                assert_eq!(
+                    ours.top[0].0, row.top[0].0,
+                    "{fixture_name} {:?} pos {}: top-1",
+                    case.prompt, row.pos
+                );
             }
-            let diffs: Vec<f64> = row.top.iter().map(|&(t, l)| (got[t as usize] as f64 - l).abs()).collect();
-            let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
-            let max = diffs.iter().cloned().fold(0.0, f64::max);
-            assert!(mean <= 0.4 && max <= 1.5, "{fixture_name} {:?} pos {}: mean {mean:.3} max {max:.3}", case.prompt, row.pos);
+            all_diffs.extend(
+                row.top
+                    .iter()
+                    .map(|&(t, l)| (got[t as usize] as f64 - l).abs()),
+            );
         }
         // Greedy continuation through the decode path (one token per step).
         let mut last = logits.row(logits.rows() - 1).to_vec();
@@ -74,13 +95,33 @@ fn check_llamacpp(m: &Loaded, fixture_name: &str) {
             if s.top[0].1 - s.top[1].1 < 0.5 {
                 break; // ambiguous: engines may legitimately differ from here on
             }
-            assert_eq!(s.top[0].0, want, "{fixture_name} {:?}: greedy step {step}", case.prompt);
+            assert_eq!(
+                s.top[0].0, want,
+                "{fixture_name} {:?}: greedy step {step}",
+                case.prompt
+            );
             compared += 1;
             last = r.forward(&[want], true).unwrap().data;
         }
-        assert!(compared >= 1, "{fixture_name} {:?}: no greedy step was unambiguous", case.prompt);
-        eprintln!("{fixture_name} {:?}: {compared}/{} greedy tokens equal", case.prompt, case.greedy_ids.len());
+        total_compared += compared;
+        eprintln!(
+            "{fixture_name} {:?}: {compared}/{} greedy tokens equal",
+            case.prompt,
+            case.greedy_ids.len()
+        );
     }
+    // Guard against a check that compares nothing.
+    assert!(
+        total_compared >= 8,
+        "{fixture_name}: only {total_compared} unambiguous greedy steps compared"
+    );
+    let mean = all_diffs.iter().sum::<f64>() / all_diffs.len() as f64;
+    let max = all_diffs.iter().cloned().fold(0.0, f64::max);
+    eprintln!("{fixture_name}: mean |diff| {mean:.3}, max {max:.3} over llama.cpp's top 16");
+    assert!(
+        mean <= 0.4 && max <= 1.5,
+        "{fixture_name}: mean |diff| {mean:.3} (≤ 0.4), max {max:.3} (≤ 1.5)"
+    );
 }
 
 #[test]
@@ -117,7 +158,12 @@ fn prefill_equals_decode() {
     let mut b = Reference::new(&m.bound, &m.gguf, 64).unwrap();
     for (i, &t) in ids.iter().enumerate() {
         let one = b.forward(&[t], true).unwrap();
-        let max = one.row(0).iter().zip(all.row(i)).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        let max = one
+            .row(0)
+            .iter()
+            .zip(all.row(i))
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
         assert!(max < 1e-3, "position {i}: max diff {max}");
     }
 }

@@ -45,4 +45,6 @@ else
   mv "$MODELS/$GEMMA.part" "$MODELS/$GEMMA"
 fi
 
-echo "kiln setup: models in $MODELS"
+# The model `kiln run` uses when --model is not given.
+ln -sfn "$SMOL" "$MODELS/default.gguf"
+echo "kiln setup: models in $MODELS (default.gguf -> $SMOL)"

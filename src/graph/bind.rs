@@ -17,6 +17,11 @@ use crate::model::gguf::{Gguf, MetaValue};
 /// Name of the token-id input every graph can read.
 pub const TOKENS: &str = "tokens";
 
+/// Most statements (and repeat iterations) binding may unroll: real models
+/// unroll a few thousand, and a runaway repeat count must fail fast rather
+/// than spin or exhaust memory.
+pub const MAX_UNROLL: usize = 100_000;
+
 struct Binder<'a> {
     graph: &'a Graph,
     gguf: &'a Gguf,
@@ -26,6 +31,8 @@ struct Binder<'a> {
     names: HashMap<String, ValueId>,
     weight_ids: HashMap<String, WeightId>,
     out: BoundGraph,
+    /// Statements and repeat iterations unrolled so far (at most [`MAX_UNROLL`]).
+    steps: usize,
 }
 
 impl Env for Binder<'_> {
@@ -33,7 +40,11 @@ impl Env for Binder<'_> {
         if name == "arch" {
             return Some(Value::Str(self.arch.clone()));
         }
-        self.vars.iter().rev().find(|v| v.0 == name).map(|v| v.1.clone())
+        self.vars
+            .iter()
+            .rev()
+            .find(|v| v.0 == name)
+            .map(|v| v.1.clone())
     }
     fn names(&self) -> Vec<String> {
         self.vars.iter().map(|v| v.0.clone()).collect()
@@ -79,11 +90,15 @@ pub fn bind(graph: &Graph, gguf: &Gguf) -> Result<BoundGraph, GraphError> {
             vocab: 0,
             max_context: 0,
         },
+        steps: 0,
     };
     let file: &GraphFile = &graph.file;
     for (name, ex) in &file.params.0 {
         if name.text == "arch" || name.text == TOKENS {
-            return Err(b.err(name.pos, format!("'{}' is reserved; pick another name", name.text)));
+            return Err(b.err(
+                name.pos,
+                format!("'{}' is reserved; pick another name", name.text),
+            ));
         }
         let v = b.eval(ex)?;
         if let Value::Num(n) = v {
@@ -113,7 +128,10 @@ pub fn bind(graph: &Graph, gguf: &Gguf) -> Result<BoundGraph, GraphError> {
     }
     b.out.output = out;
     if b.out.vocab == 0 {
-        return Err(b.err(None, "the graph has no Embed op, so it cannot read tokens".into()));
+        return Err(b.err(
+            None,
+            "the graph has no Embed op, so it cannot read tokens".into(),
+        ));
     }
     Ok(b.out)
 }
@@ -129,7 +147,10 @@ impl Binder<'_> {
 
     fn eval(&self, ex: &Ex) -> Result<Value, GraphError> {
         let Some(p) = &ex.parsed else {
-            return Err(self.err(ex.src.pos, format!("unparsed expression \"{}\"", ex.src.text)));
+            return Err(self.err(
+                ex.src.pos,
+                format!("unparsed expression \"{}\"", ex.src.text),
+            ));
         };
         p.eval(self).map_err(|e| {
             self.err(
@@ -144,7 +165,10 @@ impl Binder<'_> {
             Value::Num(n) if n.is_finite() => Ok(n),
             v => Err(self.err(
                 ex.src.pos,
-                format!("{what} must be a finite number, \"{}\" gives {v}", ex.src.text),
+                format!(
+                    "{what} must be a finite number, \"{}\" gives {v}",
+                    ex.src.text
+                ),
             )),
         }
     }
@@ -198,11 +222,19 @@ impl Binder<'_> {
 
     /// Resolve a weight reference; `dtypes` are the ones the op can take
     /// (`None`: any dtype kiln can dequantize).
-    fn weight(&mut self, w: &WRef, op: &str, dtypes: Option<&[DType]>) -> Result<WeightId, GraphError> {
+    fn weight(
+        &mut self,
+        w: &WRef,
+        op: &str,
+        dtypes: Option<&[DType]>,
+    ) -> Result<WeightId, GraphError> {
         let mut tried = Vec::new();
         for (t, src) in w.templates.iter().zip(&w.names) {
             let name = t.eval(self).map_err(|e| {
-                self.err(src.pos_at(e.offset), format!("in weight name \"{}\": {}", src.text, e.msg))
+                self.err(
+                    src.pos_at(e.offset),
+                    format!("in weight name \"{}\": {}", src.text, e.msg),
+                )
             })?;
             if let Some(info) = self.gguf.tensor(&name) {
                 let ok = match dtypes {
@@ -254,15 +286,27 @@ impl Binder<'_> {
         for s in stmts {
             match s {
                 Stmt::Let(name, op) => {
+                    self.step(name.pos)?;
                     if name.text == TOKENS {
-                        return Err(self.err(name.pos, format!("'{TOKENS}' is the input and cannot be rebound")));
+                        return Err(self.err(
+                            name.pos,
+                            format!("'{TOKENS}' is the input and cannot be rebound"),
+                        ));
                     }
                     let id = self.op(name, op)?;
                     self.names.insert(name.text.clone(), id);
                 }
                 Stmt::Repeat { var, count, body } => {
                     let n = self.usize(count, "a repeat count")?;
+                    // A number literal has no position; point at the variable.
+                    let at = count.src.pos.or(var.pos);
+                    if n > MAX_UNROLL {
+                        return Err(self.err(at, format!(
+                            "repeat count \"{}\" gives {n}, more than the {MAX_UNROLL} statements kiln unrolls; check the expression",
+                            count.src.text)));
+                    }
                     for i in 0..n {
+                        self.step(at)?;
                         self.vars.push((var.text.clone(), Value::Num(i as f64)));
                         let r = self.stmts(body);
                         self.vars.pop();
@@ -285,6 +329,19 @@ impl Binder<'_> {
         Ok(())
     }
 
+    /// Count one unrolled statement or iteration against [`MAX_UNROLL`].
+    fn step(&mut self, at: Option<Pos>) -> Result<(), GraphError> {
+        self.steps += 1;
+        if self.steps > MAX_UNROLL {
+            return Err(self.err(
+                at,
+                format!(
+                "the graph unrolls to more than {MAX_UNROLL} statements; check the repeat counts"),
+            ));
+        }
+        Ok(())
+    }
+
     fn shape_err(&self, at: Option<Pos>, op: &str, msg: String) -> GraphError {
         self.err(at, format!("{op}: {msg}"))
     }
@@ -295,7 +352,10 @@ impl Binder<'_> {
         if d.kind != Kind::F32 {
             return Err(self.err(
                 name.pos,
-                format!("{op} needs float values, but '{}' holds token ids", name.text),
+                format!(
+                    "{op} needs float values, but '{}' holds token ids",
+                    name.text
+                ),
             ));
         }
         Ok((id, d.shape.clone()))
@@ -310,17 +370,34 @@ impl Binder<'_> {
                 let ids_id = self.lookup(ids)?;
                 let idd = &self.out.values[ids_id];
                 if idd.kind != Kind::Ids {
-                    return Err(self.err(ids.pos, format!("Embed needs token ids, but '{}' holds floats", ids.text)));
+                    return Err(self.err(
+                        ids.pos,
+                        format!("Embed needs token ids, but '{}' holds floats", ids.text),
+                    ));
                 }
                 let ishape = idd.shape.clone();
                 let t = self.weight(table, opname, None)?;
                 let w = &self.out.weights[t];
                 if w.dims.len() != 2 {
-                    return Err(self.shape_err(at, opname, format!("table '{}' must be 2-D [dim, vocab], has dims {:?}", w.name, w.dims)));
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
+                            "table '{}' must be 2-D [dim, vocab], has dims {:?}",
+                            w.name, w.dims
+                        ),
+                    ));
                 }
                 let (d, vocab) = (w.dims[0], w.dims[1]);
                 if self.out.vocab != 0 && self.out.vocab != vocab {
-                    return Err(self.shape_err(at, opname, format!("two Embed ops disagree on the vocabulary ({} and {vocab})", self.out.vocab)));
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
+                            "two Embed ops disagree on the vocabulary ({} and {vocab})",
+                            self.out.vocab
+                        ),
+                    ));
                 }
                 self.out.vocab = vocab;
                 let mut s = ishape;
@@ -332,13 +409,24 @@ impl Binder<'_> {
                 let wid = self.weight(w, opname, None)?;
                 let wd = &self.out.weights[wid];
                 if wd.dims.len() != 2 {
-                    return Err(self.shape_err(at, opname, format!("weight '{}' must be 2-D [in, out], has dims {:?}", wd.name, wd.dims)));
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
+                            "weight '{}' must be 2-D [in, out], has dims {:?}",
+                            wd.name, wd.dims
+                        ),
+                    ));
                 }
                 let (k, n) = (wd.dims[0], wd.dims[1]);
                 if xs.last() != Some(&Dim::Fixed(k)) {
-                    return Err(self.shape_err(at, opname, format!(
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
                         "'{}' has shape {} but weight '{}' takes {k} inputs (GGML dims [{k}, {n}])",
-                        x.text, shape_str(&xs), wd.name)));
+                        x.text, shape_str(&xs), wd.name),
+                    ));
                 }
                 let mut s = xs;
                 *s.last_mut().unwrap_or(&mut Dim::Tokens) = Dim::Fixed(n);
@@ -350,31 +438,78 @@ impl Binder<'_> {
                 let eps = self.num(eps, "eps")?;
                 (BoundOp::RmsNorm { weight, eps }, vec![xid], xs, Kind::F32)
             }
-            Op::LayerNorm { x, weight, bias, eps } => {
+            Op::LayerNorm {
+                x,
+                weight,
+                bias,
+                eps,
+            } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
                 let weight = self.norm_weight(weight, &xs, at, opname, FLOAT)?;
                 let bias = self.norm_weight(bias, &xs, at, opname, FLOAT)?;
                 let eps = self.num(eps, "eps")?;
-                (BoundOp::LayerNorm { weight, bias, eps }, vec![xid], xs, Kind::F32)
+                (
+                    BoundOp::LayerNorm { weight, bias, eps },
+                    vec![xid],
+                    xs,
+                    Kind::F32,
+                )
             }
-            Op::Rope { x, mode, base, dims, scale } => {
+            Op::Rope {
+                x,
+                mode,
+                base,
+                dims,
+                scale,
+            } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
                 let head_dim = match xs.as_slice() {
                     [Dim::Tokens, Dim::Fixed(_), Dim::Fixed(d)] => *d,
-                    _ => return Err(self.shape_err(at, opname, format!("'{}' must be [T, heads, head_dim], found {}; Reshape it first", x.text, shape_str(&xs)))),
+                    _ => {
+                        return Err(self.shape_err(
+                            at,
+                            opname,
+                            format!(
+                                "'{}' must be [T, heads, head_dim], found {}; Reshape it first",
+                                x.text,
+                                shape_str(&xs)
+                            ),
+                        ))
+                    }
                 };
                 let rot = match dims {
                     Some(e) => self.usize(e, "rope dims")?,
                     None => head_dim,
                 };
                 if rot == 0 || rot % 2 != 0 || rot > head_dim {
-                    return Err(self.shape_err(at, opname, format!("dims must be even and at most head_dim {head_dim}, found {rot}")));
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!("dims must be even and at most head_dim {head_dim}, found {rot}"),
+                    ));
                 }
                 let base = self.num(base, "rope base")?;
                 let scale = self.opt_num(scale, "rope scale")?.unwrap_or(1.0);
-                (BoundOp::Rope { mode: *mode, base, dims: rot, scale }, vec![xid], xs, Kind::F32)
+                (
+                    BoundOp::Rope {
+                        mode: *mode,
+                        base,
+                        dims: rot,
+                        scale,
+                    },
+                    vec![xid],
+                    xs,
+                    Kind::F32,
+                )
             }
-            Op::Attention { q, k, v, scale, window, softcap } => {
+            Op::Attention {
+                q,
+                k,
+                v,
+                scale,
+                window,
+                softcap,
+            } => {
                 let (qid, qs) = self.f32_input(q, opname)?;
                 let (kid, ks) = self.f32_input(k, opname)?;
                 let (vid, vs) = self.f32_input(v, opname)?;
@@ -382,10 +517,19 @@ impl Binder<'_> {
                     [Dim::Tokens, Dim::Fixed(h), Dim::Fixed(d)] => Some((*h, *d)),
                     _ => None,
                 };
-                let (Some((h, dq)), Some((hk, dk)), Some((hv, dv))) = (three(&qs), three(&ks), three(&vs)) else {
-                    return Err(self.shape_err(at, opname, format!(
-                        "q, k and v must be [T, heads, head_dim]; found {}, {} and {}",
-                        shape_str(&qs), shape_str(&ks), shape_str(&vs))));
+                let (Some((h, dq)), Some((hk, dk)), Some((hv, dv))) =
+                    (three(&qs), three(&ks), three(&vs))
+                else {
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
+                            "q, k and v must be [T, heads, head_dim]; found {}, {} and {}",
+                            shape_str(&qs),
+                            shape_str(&ks),
+                            shape_str(&vs)
+                        ),
+                    ));
                 };
                 if dq != dk || hk != hv || hk == 0 || h % hk != 0 {
                     return Err(self.shape_err(at, opname, format!(
@@ -399,23 +543,53 @@ impl Binder<'_> {
                 };
                 let softcap = self.opt_num(softcap, "softcap")?.filter(|&c| c != 0.0);
                 let cache = self.out.caches.len();
-                self.out.caches.push(CacheDesc { kv_heads: hk, k_dim: dk, v_dim: dv, window });
-                (BoundOp::Attention { scale, window, softcap, cache }, vec![qid, kid, vid], vec![Dim::Tokens, Dim::Fixed(h), Dim::Fixed(dv)], Kind::F32)
+                self.out.caches.push(CacheDesc {
+                    kv_heads: hk,
+                    k_dim: dk,
+                    v_dim: dv,
+                    window,
+                });
+                (
+                    BoundOp::Attention {
+                        scale,
+                        window,
+                        softcap,
+                        cache,
+                    },
+                    vec![qid, kid, vid],
+                    vec![Dim::Tokens, Dim::Fixed(h), Dim::Fixed(dv)],
+                    Kind::F32,
+                )
             }
             Op::Add { a, b } | Op::Mul { a, b } => {
                 let (aid, as_) = self.f32_input(a, opname)?;
                 let (bid, bs) = self.f32_input(b, opname)?;
                 if bs.len() > as_.len() || as_[as_.len() - bs.len()..] != bs[..] {
-                    return Err(self.shape_err(at, opname, format!(
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
                         "'{}' {} and '{}' {} do not match (b must equal a or a's trailing dims)",
-                        a.text, shape_str(&as_), b.text, shape_str(&bs))));
+                        a.text, shape_str(&as_), b.text, shape_str(&bs)),
+                    ));
                 }
-                let bop = if matches!(op, Op::Add { .. }) { BoundOp::Add } else { BoundOp::Mul };
+                let bop = if matches!(op, Op::Add { .. }) {
+                    BoundOp::Add
+                } else {
+                    BoundOp::Mul
+                };
                 (bop, vec![aid, bid], as_, Kind::F32)
             }
             Op::Scale { x, by } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
-                (BoundOp::Scale { by: self.num(by, "scale")? }, vec![xid], xs, Kind::F32)
+                (
+                    BoundOp::Scale {
+                        by: self.num(by, "scale")?,
+                    },
+                    vec![xid],
+                    xs,
+                    Kind::F32,
+                )
             }
             Op::Softcap { x, cap } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
@@ -425,7 +599,12 @@ impl Binder<'_> {
                 }
                 (BoundOp::Softcap { cap }, vec![xid], xs, Kind::F32)
             }
-            Op::Silu { x } | Op::Gelu { x } | Op::GeluTanh { x } | Op::Tanh { x } | Op::Relu { x } | Op::Softmax { x } => {
+            Op::Silu { x }
+            | Op::Gelu { x }
+            | Op::GeluTanh { x }
+            | Op::Tanh { x }
+            | Op::Relu { x }
+            | Op::Softmax { x } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
                 let bop = match op {
                     Op::Silu { .. } => BoundOp::Unary(Unary::Silu),
@@ -452,26 +631,63 @@ impl Binder<'_> {
                         s.push(Dim::Fixed(self.usize(e, "a dimension")?));
                     }
                 }
-                let count = |s: &[Dim]| (s.iter().filter(|d| **d == Dim::Tokens).count(), s.iter().map(|d| if let Dim::Fixed(n) = d { *n } else { 1 }).product::<usize>());
+                let count = |s: &[Dim]| {
+                    (
+                        s.iter().filter(|d| **d == Dim::Tokens).count(),
+                        s.iter()
+                            .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+                            .fold(1usize, |a, n| a.saturating_mul(n)),
+                    )
+                };
                 if count(&s) != count(&xs) || s.first() != xs.first() {
-                    return Err(self.shape_err(at, opname, format!(
-                        "cannot reshape '{}' {} to {} (same element count, T first in both)",
-                        x.text, shape_str(&xs), shape_str(&s))));
+                    return Err(self.shape_err(
+                        at,
+                        opname,
+                        format!(
+                            "cannot reshape '{}' {} to {} (same element count, T first in both)",
+                            x.text,
+                            shape_str(&xs),
+                            shape_str(&s)
+                        ),
+                    ));
                 }
                 (BoundOp::Reshape, vec![xid], s, Kind::F32)
             }
-            Op::Slice { x, axis, start, len } => {
+            Op::Slice {
+                x,
+                axis,
+                start,
+                len,
+            } => {
                 let (xid, xs) = self.f32_input(x, opname)?;
                 let axis_n = self.usize(axis, "axis")?;
                 let (start, len) = (self.usize(start, "start")?, self.usize(len, "len")?);
                 match xs.get(axis_n) {
                     Some(Dim::Fixed(n)) if start + len <= *n && len > 0 => {}
-                    _ => return Err(self.shape_err(at, opname, format!(
-                        "cannot take {start}..{} along axis {axis_n} of {}", start + len, shape_str(&xs)))),
+                    _ => {
+                        return Err(self.shape_err(
+                            at,
+                            opname,
+                            format!(
+                                "cannot take {start}..{} along axis {axis_n} of {}",
+                                start + len,
+                                shape_str(&xs)
+                            ),
+                        ))
+                    }
                 }
                 let mut s = xs;
                 s[axis_n] = Dim::Fixed(len);
-                (BoundOp::Slice { axis: axis_n, start, len }, vec![xid], s, Kind::F32)
+                (
+                    BoundOp::Slice {
+                        axis: axis_n,
+                        start,
+                        len,
+                    },
+                    vec![xid],
+                    s,
+                    Kind::F32,
+                )
             }
             Op::Concat { xs, axis } => {
                 let axis_n = self.usize(axis, "axis")?;
@@ -481,7 +697,17 @@ impl Binder<'_> {
                     let (id, s) = self.f32_input(x, opname)?;
                     ids.push(id);
                     match (&mut shape, s.get(axis_n)) {
-                        (_, None) | (_, Some(Dim::Tokens)) => return Err(self.shape_err(at, opname, format!("axis {axis_n} of '{}' {} is not a fixed dim", x.text, shape_str(&s)))),
+                        (_, None) | (_, Some(Dim::Tokens)) => {
+                            return Err(self.shape_err(
+                                at,
+                                opname,
+                                format!(
+                                    "axis {axis_n} of '{}' {} is not a fixed dim",
+                                    x.text,
+                                    shape_str(&s)
+                                ),
+                            ))
+                        }
                         (None, _) => shape = Some(s),
                         (Some(acc), Some(Dim::Fixed(n))) => {
                             let mut a2 = acc.clone();
@@ -489,7 +715,16 @@ impl Binder<'_> {
                             a2[axis_n] = Dim::Fixed(0);
                             s2[axis_n] = Dim::Fixed(0);
                             if a2 != s2 {
-                                return Err(self.shape_err(at, opname, format!("'{}' {} does not match the others {}", x.text, shape_str(&s), shape_str(acc))));
+                                return Err(self.shape_err(
+                                    at,
+                                    opname,
+                                    format!(
+                                        "'{}' {} does not match the others {}",
+                                        x.text,
+                                        shape_str(&s),
+                                        shape_str(acc)
+                                    ),
+                                ));
                             }
                             if let Dim::Fixed(m) = &mut acc[axis_n] {
                                 *m += n;
@@ -504,23 +739,48 @@ impl Binder<'_> {
             }
             Op::Weight { w } => {
                 let wid = self.weight(w, opname, Some(FLOAT))?;
-                let s: Vec<Dim> = self.out.weights[wid].dims.iter().rev().map(|&d| Dim::Fixed(d)).collect();
+                let s: Vec<Dim> = self.out.weights[wid]
+                    .dims
+                    .iter()
+                    .rev()
+                    .map(|&d| Dim::Fixed(d))
+                    .collect();
                 (BoundOp::Weight { w: wid }, vec![], s, Kind::F32)
             }
         };
         let out = self.value(shape, kind, &name.text);
-        self.out.nodes.push(Node { op: bop, inputs, output: out, at });
+        self.out.nodes.push(Node {
+            op: bop,
+            inputs,
+            output: out,
+            at,
+        });
         Ok(out)
     }
 
-    fn norm_weight(&mut self, w: &Option<WRef>, xs: &[Dim], at: Option<Pos>, op: &str, dtypes: &[DType]) -> Result<Option<WeightId>, GraphError> {
+    fn norm_weight(
+        &mut self,
+        w: &Option<WRef>,
+        xs: &[Dim],
+        at: Option<Pos>,
+        op: &str,
+        dtypes: &[DType],
+    ) -> Result<Option<WeightId>, GraphError> {
         let Some(w) = w else { return Ok(None) };
         let id = self.weight(w, op, Some(dtypes))?;
         let wd = &self.out.weights[id];
         if wd.dims.len() != 1 || xs.last() != Some(&Dim::Fixed(wd.dims[0])) {
-            return Err(self.shape_err(at, op, format!(
-                "weight '{}' has dims {:?} but the input {} needs [{}]",
-                wd.name, wd.dims, shape_str(xs), xs.last().map_or("?".into(), |d| d.to_string()))));
+            return Err(self.shape_err(
+                at,
+                op,
+                format!(
+                    "weight '{}' has dims {:?} but the input {} needs [{}]",
+                    wd.name,
+                    wd.dims,
+                    shape_str(xs),
+                    xs.last().map_or("?".into(), |d| d.to_string())
+                ),
+            ));
         }
         Ok(Some(id))
     }

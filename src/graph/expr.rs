@@ -5,7 +5,7 @@
 //! `+ - * / %`, comparisons, `&& || !`, `c ? a : b`, and the functions
 //! `meta('key')`, `meta('key', default)`, `has_meta('key')`,
 //! `has_weight('name')`, `sqrt`, `floor`, `ceil`, `abs`, `min`, `max`, `pow`.
-//! Strings may hold `{expr}` templates, as weight names do: `'blk.{i}.x'`.
+//! Strings may hold `{expr}` templates, as weight names do: `'layers.{i}.w'`.
 //! Numbers are f64; comparisons and logic give 1 or 0.
 
 use std::fmt;
@@ -159,12 +159,27 @@ pub fn parse(src: &str) -> Result<Expr, ExprError> {
     parse_at(src, 0)
 }
 
+/// Most tokens one expression may have, and deepest nesting of parentheses,
+/// calls, `?:` and prefix operators: parsing, evaluating and dropping recurse
+/// over the tree, so without bounds a hostile graph file overflows the stack.
+const MAX_TOKENS: usize = 1000;
+const MAX_DEPTH: u32 = 64;
+
 fn parse_at(src: &str, base: usize) -> Result<Expr, ExprError> {
     let toks = lex(src, base)?;
+    if let Some(t) = toks.get(MAX_TOKENS) {
+        return Err(ExprError {
+            msg: format!(
+                "expression too long (more than {MAX_TOKENS} tokens); split it into several params"
+            ),
+            offset: t.off,
+        });
+    }
     let mut p = Parser {
         toks,
         i: 0,
         end: base + src.len(),
+        depth: 0,
     };
     let e = p.cond()?;
     if let Some(t) = p.toks.get(p.i) {
@@ -201,8 +216,8 @@ struct Token {
 }
 
 const OPS: &[&str] = &[
-    "==", "!=", "<=", ">=", "&&", "||", "+", "-", "*", "/", "%", "(", ")", ",", "?", ":", "<",
-    ">", "!",
+    "==", "!=", "<=", ">=", "&&", "||", "+", "-", "*", "/", "%", "(", ")", ",", "?", ":", "<", ">",
+    "!",
 ];
 
 fn lex(src: &str, base: usize) -> Result<Vec<Token>, ExprError> {
@@ -214,7 +229,8 @@ fn lex(src: &str, base: usize) -> Result<Vec<Token>, ExprError> {
         let off = base + i;
         if c.is_ascii_whitespace() {
             i += 1;
-        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit)) {
+        } else if c.is_ascii_digit() || (c == b'.' && b.get(i + 1).is_some_and(u8::is_ascii_digit))
+        {
             let start = i;
             while i < b.len() && (b[i].is_ascii_digit() || b[i] == b'.') {
                 i += 1;
@@ -233,7 +249,10 @@ fn lex(src: &str, base: usize) -> Result<Vec<Token>, ExprError> {
                 msg: format!("bad number '{text}'"),
                 offset: off,
             })?;
-            out.push(Token { tok: Tok::Num(n), off });
+            out.push(Token {
+                tok: Tok::Num(n),
+                off,
+            });
         } else if c.is_ascii_alphabetic() || c == b'_' {
             let start = i;
             while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
@@ -255,7 +274,10 @@ fn lex(src: &str, base: usize) -> Result<Vec<Token>, ExprError> {
             });
             i = start + end + 1;
         } else if let Some(op) = OPS.iter().find(|o| src[i..].starts_with(**o)) {
-            out.push(Token { tok: Tok::Op(op), off });
+            out.push(Token {
+                tok: Tok::Op(op),
+                off,
+            });
             i += op.len();
         } else {
             let ch = src[i..].chars().next().unwrap_or('?');
@@ -272,6 +294,8 @@ struct Parser {
     toks: Vec<Token>,
     i: usize,
     end: usize,
+    /// Current nesting, at most [`MAX_DEPTH`].
+    depth: u32,
 }
 
 impl Parser {
@@ -299,7 +323,30 @@ impl Parser {
         }
     }
 
+    /// Enter one level of nesting; [`Parser::leave`] undoes it.
+    fn enter(&mut self) -> Result<(), ExprError> {
+        if self.depth >= MAX_DEPTH {
+            return Err(ExprError {
+                msg: format!("expression nested too deeply (more than {MAX_DEPTH} levels)"),
+                offset: self.off(),
+            });
+        }
+        self.depth += 1;
+        Ok(())
+    }
+
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+
     fn cond(&mut self) -> Result<Expr, ExprError> {
+        self.enter()?;
+        let e = self.cond_inner();
+        self.leave();
+        e
+    }
+
+    fn cond_inner(&mut self) -> Result<Expr, ExprError> {
         let c = self.binary(0)?;
         if self.peek_op("?") {
             self.i += 1;
@@ -316,7 +363,12 @@ impl Parser {
             &[("||", Bin::Or)],
             &[("&&", Bin::And)],
             &[("==", Bin::Eq), ("!=", Bin::Ne)],
-            &[("<=", Bin::Le), (">=", Bin::Ge), ("<", Bin::Lt), (">", Bin::Gt)],
+            &[
+                ("<=", Bin::Le),
+                (">=", Bin::Ge),
+                ("<", Bin::Lt),
+                (">", Bin::Gt),
+            ],
             &[("+", Bin::Add), ("-", Bin::Sub)],
             &[("*", Bin::Mul), ("/", Bin::Div), ("%", Bin::Rem)],
         ];
@@ -339,13 +391,13 @@ impl Parser {
     }
 
     fn unary(&mut self) -> Result<Expr, ExprError> {
-        if self.peek_op("-") {
+        if self.peek_op("-") || self.peek_op("!") {
+            let neg = self.peek_op("-");
             self.i += 1;
-            return Ok(Expr::Neg(Box::new(self.unary()?)));
-        }
-        if self.peek_op("!") {
-            self.i += 1;
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.enter()?;
+            let e = Box::new(self.unary()?);
+            self.leave();
+            return Ok(if neg { Expr::Neg(e) } else { Expr::Not(e) });
         }
         self.primary()
     }
@@ -542,7 +594,11 @@ impl Expr {
                     "has_weight" => truth(env.has_weight(&string(arg(0)?, off, "has_weight")?)),
                     f => {
                         let x = num(arg(0)?, off, f)?;
-                        let y = if args.len() > 1 { num(arg(1)?, off, f)? } else { 0.0 };
+                        let y = if args.len() > 1 {
+                            num(arg(1)?, off, f)?
+                        } else {
+                            0.0
+                        };
                         Value::Num(match f {
                             "sqrt" => x.sqrt(),
                             "floor" => x.floor(),
@@ -631,11 +687,17 @@ mod tests {
     #[test]
     fn arithmetic_logic_and_calls() {
         assert_eq!(ev("576 / n").unwrap(), Value::Num(64.0));
-        assert_eq!(ev("(i + 1) % 6 == 0 ? 1e6 : 10000").unwrap(), Value::Num(1e6));
+        assert_eq!(
+            ev("(i + 1) % 6 == 0 ? 1e6 : 10000").unwrap(),
+            Value::Num(1e6)
+        );
         assert_eq!(ev("1 + 2 * 3 - -1").unwrap(), Value::Num(8.0));
         assert_eq!(ev("meta('{arch}.b')").unwrap(), Value::Num(7.0));
         assert_eq!(ev("meta('x.y', n * 2)").unwrap(), Value::Num(18.0));
-        assert_eq!(ev("has_weight('w.{i - 2}') && !has_meta('q')").unwrap(), Value::Num(1.0));
+        assert_eq!(
+            ev("has_weight('w.{i - 2}') && !has_meta('q')").unwrap(),
+            Value::Num(1.0)
+        );
         assert_eq!(ev("sqrt(n) + max(1, 2)").unwrap(), Value::Num(5.0));
         assert_eq!(ev("i > 3 || 1 / 0").unwrap(), Value::Num(1.0));
     }
@@ -644,10 +706,20 @@ mod tests {
     fn errors_name_the_place() {
         let e = ev("n + nn").unwrap_err();
         assert_eq!(e.offset, 4);
-        assert!(e.msg.contains("undefined name 'nn'") && e.msg.contains("'n'"), "{}", e.msg);
+        assert!(
+            e.msg.contains("undefined name 'nn'") && e.msg.contains("'n'"),
+            "{}",
+            e.msg
+        );
         assert_eq!(ev("1 +").unwrap_err().msg, "expression ends too early");
-        assert!(ev("foo(1)").unwrap_err().msg.contains("unknown function 'foo'"));
-        assert!(ev("meta('zz')").unwrap_err().msg.contains("no metadata 'zz'"));
+        assert!(ev("foo(1)")
+            .unwrap_err()
+            .msg
+            .contains("unknown function 'foo'"));
+        assert!(ev("meta('zz')")
+            .unwrap_err()
+            .msg
+            .contains("no metadata 'zz'"));
         assert!(ev("1 / 0").unwrap_err().msg.contains("division by zero"));
         assert!(ev("1 2").unwrap_err().msg.contains("unexpected number"));
         assert_eq!(ev("(1 + 2").unwrap_err().offset, 6);

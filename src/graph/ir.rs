@@ -4,8 +4,8 @@
 
 use std::fmt;
 
-use super::span::Pos;
 pub use super::schema::RopeMode;
+use super::span::Pos;
 use crate::model::dtype::DType;
 
 /// Index of a value (an intermediate tensor) in [`BoundGraph::values`].
@@ -153,7 +153,11 @@ pub enum BoundOp {
     /// inputs: [x]; the output shape is the value's.
     Reshape,
     /// inputs: [x]
-    Slice { axis: usize, start: usize, len: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        len: usize,
+    },
     /// inputs: xs
     Concat { axis: usize },
     /// inputs: [x]

@@ -53,7 +53,7 @@ impl<'de> Deserialize<'de> for Params {
 pub enum Stmt {
     /// Bind a name to an op's result (names may be rebound, as a residual
     /// stream is across layers).
-    Let(Str, Op),
+    Let(Str, Box<Op>),
     /// Run `body` `count` times with `var` = 0, 1, ...
     Repeat {
         /// Loop variable name.
@@ -78,7 +78,7 @@ pub enum Stmt {
 /// Rotary embedding pairing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, DeriveDeserialize)]
 pub enum RopeMode {
-    /// Rotate adjacent pairs (x[2i], x[2i+1]), as GGUF llama-family weights expect.
+    /// Rotate adjacent pairs (x[2i], x[2i+1]).
     Normal,
     /// Rotate halves (x[i], x[i + dims/2]), GPT-NeoX style.
     Neox,
@@ -91,9 +91,15 @@ pub enum RopeMode {
 #[allow(missing_docs)]
 pub enum Op {
     /// Rows of `table` gathered by token ids.
-    Embed { table: WRef, ids: Str },
+    Embed {
+        table: WRef,
+        ids: Str,
+    },
     /// `x · wᵀ`: the weight is GGML [in, out].
-    MatMul { x: Str, w: WRef },
+    MatMul {
+        x: Str,
+        w: WRef,
+    },
     /// `x / rms(x) * weight` over the last dim.
     RmsNorm {
         x: Str,
@@ -136,25 +142,64 @@ pub enum Op {
         #[serde(default)]
         softcap: Option<Ex>,
     },
-    Add { a: Str, b: Str },
-    Mul { a: Str, b: Str },
-    Scale { x: Str, by: Ex },
-    Silu { x: Str },
-    Gelu { x: Str },
-    GeluTanh { x: Str },
-    Tanh { x: Str },
-    Relu { x: Str },
+    Add {
+        a: Str,
+        b: Str,
+    },
+    Mul {
+        a: Str,
+        b: Str,
+    },
+    Scale {
+        x: Str,
+        by: Ex,
+    },
+    Silu {
+        x: Str,
+    },
+    Gelu {
+        x: Str,
+    },
+    GeluTanh {
+        x: Str,
+    },
+    Tanh {
+        x: Str,
+    },
+    Relu {
+        x: Str,
+    },
     /// `cap * tanh(x / cap)`.
-    Softcap { x: Str, cap: Ex },
-    Softmax { x: Str },
+    Softcap {
+        x: Str,
+        cap: Ex,
+    },
+    Softmax {
+        x: Str,
+    },
     /// New shape; `"T"` stands for the token dim.
-    Reshape { x: Str, shape: Vec<Ex> },
-    Slice { x: Str, axis: Ex, start: Ex, len: Ex },
-    Concat { xs: Vec<Str>, axis: Ex },
+    Reshape {
+        x: Str,
+        shape: Vec<Ex>,
+    },
+    Slice {
+        x: Str,
+        axis: Ex,
+        start: Ex,
+        len: Ex,
+    },
+    Concat {
+        xs: Vec<Str>,
+        axis: Ex,
+    },
     /// Index of the largest element of the last dim.
-    Argmax { x: Str },
+    Argmax {
+        x: Str,
+    },
     /// A weight as a value (dequantized), e.g. a bias for `Add`.
-    Weight { w: WRef },
+    Weight {
+        w: WRef,
+    },
 }
 
 impl Op {
@@ -256,9 +301,9 @@ impl<'de> Deserialize<'de> for Ex {
     }
 }
 
-/// A weight reference: a name template (`"blk.{i}.attn_q.weight"`), or a
+/// A weight reference: a name template (`"layers.{i}.q.weight"`), or a
 /// list of them where the first the model has is used
-/// (`["output.weight", "token_embd.weight"]` ties the output to the embedding).
+/// (`["out.weight", "embed.weight"]` falls back to a tied embedding).
 #[derive(Debug, Clone)]
 pub struct WRef {
     /// Candidate names, in order of preference.

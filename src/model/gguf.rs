@@ -337,8 +337,8 @@ impl Gguf {
                     "tensor {name:?} offset {rel} is not a multiple of the alignment {alignment}"
                 ));
             }
-            let offset = data_start.checked_add(rel).unwrap_or(u64::MAX);
-            let end = offset.checked_add(size).unwrap_or(u64::MAX);
+            let offset = data_start.saturating_add(rel);
+            let end = offset.saturating_add(size);
             if end > file_len {
                 return err(format!(
                     "tensor {name:?} (bytes {offset}..{end}) lies past the end of the file ({file_len} bytes): the file is truncated or corrupt; download it again"
@@ -459,7 +459,9 @@ impl Reader<'_> {
             7 => {
                 let b = self.arr::<1>(key)?[0];
                 if b > 1 {
-                    return err(format!("metadata {key:?}: bool has value {b} (expected 0 or 1)"));
+                    return err(format!(
+                        "metadata {key:?}: bool has value {b} (expected 0 or 1)"
+                    ));
                 }
                 MetaValue::Bool(b == 1)
             }

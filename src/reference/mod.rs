@@ -66,8 +66,16 @@ impl<'a> Reference<'a> {
             graph,
             gguf,
             weights: (0..graph.weights.len()).map(|_| OnceLock::new()).collect(),
-            k_cache: graph.caches.iter().map(|c| vec![0.0; n_ctx * c.kv_heads * c.k_dim]).collect(),
-            v_cache: graph.caches.iter().map(|c| vec![0.0; n_ctx * c.kv_heads * c.v_dim]).collect(),
+            k_cache: graph
+                .caches
+                .iter()
+                .map(|c| vec![0.0; n_ctx * c.kv_heads * c.k_dim])
+                .collect(),
+            v_cache: graph
+                .caches
+                .iter()
+                .map(|c| vec![0.0; n_ctx * c.kv_heads * c.v_dim])
+                .collect(),
             pos: 0,
             n_ctx,
             last_use,
@@ -162,7 +170,11 @@ impl<'a> Reference<'a> {
                     let mut y = Vec::with_capacity(t * d);
                     for &id in input(0) {
                         let id = id as usize;
-                        y.extend(dequantize(w.dtype, &data[id * row_bytes..(id + 1) * row_bytes], d)?);
+                        y.extend(dequantize(
+                            w.dtype,
+                            &data[id * row_bytes..(id + 1) * row_bytes],
+                            d,
+                        )?);
                     }
                     y
                 }
@@ -181,13 +193,23 @@ impl<'a> Reference<'a> {
                     let b = bias.map(|b| self.weight(b)).transpose()?;
                     ops::layer_norm(input(0), in_desc(0).last(t), w, b, *eps)
                 }
-                BoundOp::Rope { mode, base, dims, scale } => {
+                BoundOp::Rope {
+                    mode,
+                    base,
+                    dims,
+                    scale,
+                } => {
                     let (heads, hd) = three(&in_desc(0).shape);
                     let mut y = input(0).to_vec();
                     ops::rope(&mut y, heads, hd, pos0, *mode, *base, *dims, *scale);
                     y
                 }
-                BoundOp::Attention { scale, window, softcap, cache } => {
+                BoundOp::Attention {
+                    scale,
+                    window,
+                    softcap,
+                    cache,
+                } => {
                     let c = g.caches[*cache];
                     let (heads, d) = three(&in_desc(0).shape);
                     let (k, v) = (input(1), input(2));
@@ -196,9 +218,18 @@ impl<'a> Reference<'a> {
                     self.k_cache[*cache][pos0 * kw..(pos0 + t) * kw].copy_from_slice(k);
                     self.v_cache[*cache][pos0 * vw..(pos0 + t) * vw].copy_from_slice(v);
                     ops::attention(
-                        input(0), t, heads, c.kv_heads, d, c.v_dim,
-                        &self.k_cache[*cache], &self.v_cache[*cache],
-                        pos0, *scale, *window, *softcap,
+                        input(0),
+                        t,
+                        heads,
+                        c.kv_heads,
+                        d,
+                        c.v_dim,
+                        &self.k_cache[*cache],
+                        &self.v_cache[*cache],
+                        pos0,
+                        *scale,
+                        *window,
+                        *softcap,
                     )
                 }
                 BoundOp::Add | BoundOp::Mul => {
@@ -208,7 +239,11 @@ impl<'a> Reference<'a> {
                         .enumerate()
                         .map(|(i, &x)| {
                             let y = b[i % b.len()];
-                            if add { x + y } else { x * y }
+                            if add {
+                                x + y
+                            } else {
+                                x * y
+                            }
                         })
                         .collect()
                 }
@@ -225,7 +260,9 @@ impl<'a> Reference<'a> {
                 }
                 BoundOp::Concat { axis } => {
                     let xs: Vec<&[f32]> = (0..node.inputs.len()).map(input).collect();
-                    let ds: Vec<Vec<usize>> = (0..node.inputs.len()).map(|j| dims(&in_desc(j).shape, t)).collect();
+                    let ds: Vec<Vec<usize>> = (0..node.inputs.len())
+                        .map(|j| dims(&in_desc(j).shape, t))
+                        .collect();
                     ops::concat(&xs, &ds, *axis)
                 }
                 BoundOp::Argmax => ops::argmax(input(0), in_desc(0).last(t))

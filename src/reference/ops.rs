@@ -82,6 +82,7 @@ pub fn layer_norm(x: &[f32], d: usize, w: Option<&[f32]>, b: Option<&[f32]>, eps
 
 /// Rotary embedding on x [t, heads, head_dim]; token r is at position
 /// `pos0 + r`. Pair i (< dims/2) rotates by `pos · scale · base^(-2i/dims)`.
+#[allow(clippy::too_many_arguments)]
 pub fn rope(
     x: &mut [f32],
     heads: usize,
