@@ -1,0 +1,367 @@
+//! Template instantiation: a kernel template from kernels/ plus knob values
+//! becomes WGSL text, validated with naga before wgpu ever sees it.
+//!
+//! A template is WGSL with a header and a tiny preprocessor:
+//! - `//! kiln template: NAME` names it; other `//!` lines document it;
+//! - `//! knob NAME: v1 v2 ...` declares a knob and its candidate values;
+//!   the knobs `SUBGROUPS` and `F16` (value 1) need the adapter features of
+//!   the same name, and `WG` (the workgroup size) must fit the adapter;
+//! - `//! wg_storage: EXPR` gives the workgroup memory a variant uses, in
+//!   bytes, as an expression over the knobs;
+//! - `{{NAME}}` is replaced by the knob's value;
+//! - lines `#if EXPR`, `#else`, `#endif` keep or drop the lines between them
+//!   (EXPR is a graph expression over the knobs, see [`crate::graph::expr`]).
+//!
+//! A knob value the adapter or the forced feature set cannot run is never
+//! generated ([`Template::variants`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use crate::graph::expr::{self, Env, Value};
+
+/// What the adapter (or the forced feature set) allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// shader-f16 is enabled.
+    pub f16: bool,
+    /// Subgroup operations are enabled.
+    pub subgroups: bool,
+    /// max_compute_invocations_per_workgroup.
+    pub max_invocations: u32,
+    /// max_compute_workgroup_storage_size in bytes.
+    pub max_wg_storage: u32,
+}
+
+impl Caps {
+    /// The four feature sets kiln tests, on an adapter with these limits.
+    pub fn feature_sets(max_invocations: u32, max_wg_storage: u32) -> [Caps; 4] {
+        let c = |f16, subgroups| Caps {
+            f16,
+            subgroups,
+            max_invocations,
+            max_wg_storage,
+        };
+        [
+            c(false, false),
+            c(true, false),
+            c(false, true),
+            c(true, true),
+        ]
+    }
+}
+
+/// A codegen error, naming the template, knobs and line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("kernel template {template} [{knobs}]: {msg}")]
+pub struct CodegenError {
+    /// Template name.
+    pub template: String,
+    /// Knob values, as `A=1 B=2`.
+    pub knobs: String,
+    /// What went wrong (with the generated line for naga errors).
+    pub msg: String,
+}
+
+/// A knob: name and candidate values.
+#[derive(Debug, Clone)]
+pub struct Knob {
+    /// Name, used as `{{NAME}}` and in `#if`.
+    pub name: String,
+    /// Candidate values.
+    pub values: Vec<String>,
+}
+
+/// A parsed template.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// Name (`//! kiln template: NAME`).
+    pub name: String,
+    /// What it computes (the other `//!` lines).
+    pub doc: String,
+    /// Declared knobs.
+    pub knobs: Vec<Knob>,
+    wg_storage: Option<String>,
+    body: String,
+}
+
+/// Knob values chosen for one variant.
+pub type Knobs = BTreeMap<String, String>;
+
+/// Formats knobs as `A=1 B=2`.
+pub fn knobs_str(k: &Knobs) -> String {
+    k.iter()
+        .map(|(a, b)| format!("{a}={b}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A short variant name: `rms_norm.wg128.subgroups1`.
+pub fn variant_name(template: &str, k: &Knobs) -> String {
+    let mut s = template.to_string();
+    for (a, b) in k {
+        s.push_str(&format!(".{}{}", a.to_lowercase(), b));
+    }
+    s
+}
+
+struct KnobEnv<'a>(&'a Knobs);
+
+impl Env for KnobEnv<'_> {
+    fn var(&self, name: &str) -> Option<Value> {
+        self.0.get(name).map(|v| match v.parse::<f64>() {
+            Ok(n) => Value::Num(n),
+            Err(_) => Value::Str(v.clone()),
+        })
+    }
+    fn names(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+    fn meta(&self, _: &str) -> Result<Option<Value>, String> {
+        Err("templates cannot read model metadata".into())
+    }
+    fn has_weight(&self, _: &str) -> bool {
+        false
+    }
+}
+
+/// The templates compiled into kiln, from kernels/.
+pub const SOURCES: &[(&str, &str)] =
+    &[("rms_norm.wgsl", include_str!("../../kernels/rms_norm.wgsl"))];
+
+/// All built-in templates.
+pub fn templates() -> Result<Vec<Template>, CodegenError> {
+    SOURCES.iter().map(|(f, s)| Template::parse(f, s)).collect()
+}
+
+/// A built-in template by name.
+pub fn template(name: &str) -> Result<Template, CodegenError> {
+    templates()?
+        .into_iter()
+        .find(|t| t.name == name)
+        .ok_or_else(|| CodegenError {
+            template: name.into(),
+            knobs: String::new(),
+            msg: "no such template in kernels/".into(),
+        })
+}
+
+impl Template {
+    /// Parse a template; `file` names it in errors.
+    pub fn parse(file: &str, src: &str) -> Result<Template, CodegenError> {
+        let err = |msg: String| CodegenError {
+            template: file.into(),
+            knobs: String::new(),
+            msg,
+        };
+        let mut name = None;
+        let mut doc = Vec::new();
+        let mut knobs = Vec::new();
+        let mut wg_storage = None;
+        let mut body = String::new();
+        for line in src.lines() {
+            if let Some(h) = line.strip_prefix("//!") {
+                let h = h.trim();
+                if let Some(n) = h.strip_prefix("kiln template:") {
+                    name = Some(n.trim().to_string());
+                } else if let Some(k) = h.strip_prefix("knob ") {
+                    let (kn, vals) = k
+                        .split_once(':')
+                        .ok_or_else(|| err(format!("bad knob line '{line}' (knob NAME: v1 v2)")))?;
+                    let values: Vec<String> = vals.split_whitespace().map(String::from).collect();
+                    if values.is_empty() {
+                        return Err(err(format!("knob {kn} has no values")));
+                    }
+                    knobs.push(Knob {
+                        name: kn.trim().to_string(),
+                        values,
+                    });
+                } else if let Some(e) = h.strip_prefix("wg_storage:") {
+                    wg_storage = Some(e.trim().to_string());
+                } else {
+                    doc.push(h.to_string());
+                }
+            } else {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        let name = name.ok_or_else(|| err("missing '//! kiln template: NAME'".into()))?;
+        Ok(Template {
+            name,
+            doc: doc.join("\n"),
+            knobs,
+            wg_storage,
+            body,
+        })
+    }
+
+    fn fail(&self, k: &Knobs, msg: String) -> CodegenError {
+        CodegenError {
+            template: self.name.clone(),
+            knobs: knobs_str(k),
+            msg,
+        }
+    }
+
+    /// Whether `caps` can run this knob assignment.
+    pub fn legal(&self, k: &Knobs, caps: &Caps) -> Result<bool, CodegenError> {
+        let on = |n: &str| k.get(n).is_some_and(|v| v != "0");
+        if on("SUBGROUPS") && !caps.subgroups || on("F16") && !caps.f16 {
+            return Ok(false);
+        }
+        if let Some(wg) = k.get("WG") {
+            let wg: u32 = wg
+                .parse()
+                .map_err(|_| self.fail(k, format!("WG must be a number, found {wg}")))?;
+            if wg > caps.max_invocations {
+                return Ok(false);
+            }
+        }
+        if let Some(e) = &self.wg_storage {
+            let bytes = match expr::parse(e).and_then(|p| p.eval(&KnobEnv(k))) {
+                Ok(Value::Num(n)) => n,
+                Ok(v) => return Err(self.fail(k, format!("wg_storage gives {v}"))),
+                Err(x) => return Err(self.fail(k, format!("wg_storage \"{e}\": {}", x.msg))),
+            };
+            if bytes > caps.max_wg_storage as f64 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Every knob assignment `caps` can run.
+    pub fn variants(&self, caps: &Caps) -> Result<Vec<Knobs>, CodegenError> {
+        let mut all = vec![Knobs::new()];
+        for knob in &self.knobs {
+            all = all
+                .into_iter()
+                .flat_map(|k| {
+                    knob.values.iter().map(move |v| {
+                        let mut k = k.clone();
+                        k.insert(knob.name.clone(), v.clone());
+                        k
+                    })
+                })
+                .collect();
+        }
+        let mut out = Vec::new();
+        for k in all {
+            if self.legal(&k, caps)? {
+                out.push(k);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Instantiate with knob values: WGSL text with a header comment.
+    pub fn generate(&self, k: &Knobs) -> Result<String, CodegenError> {
+        for knob in &self.knobs {
+            if !k.contains_key(&knob.name) {
+                return Err(self.fail(k, format!("knob {} has no value", knob.name)));
+            }
+        }
+        let mut out = format!(
+            "// kiln kernel {} — generated from kernels/{}.wgsl\n// knobs: {}\n",
+            variant_name(&self.name, k),
+            self.name,
+            knobs_str(k)
+        );
+        for d in self.doc.lines() {
+            out.push_str(&format!("// {d}\n"));
+        }
+        // Stack of (this branch is kept, some branch was taken, parent kept).
+        let mut stack: Vec<(bool, bool)> = Vec::new();
+        let kept = |s: &Vec<(bool, bool)>| s.iter().all(|e| e.0);
+        for (n, line) in self.body.lines().enumerate() {
+            let t = line.trim_start();
+            if let Some(c) = t.strip_prefix("#if ") {
+                let v = expr::parse(c)
+                    .and_then(|p| p.eval(&KnobEnv(k)))
+                    .map_err(|e| {
+                        self.fail(k, format!("body line {}: #if {c}: {}", n + 1, e.msg))
+                    })?;
+                let on = v != Value::Num(0.0);
+                stack.push((on, on));
+            } else if t.starts_with("#else") {
+                let top = stack.last_mut().ok_or_else(|| {
+                    self.fail(k, format!("body line {}: #else without #if", n + 1))
+                })?;
+                *top = (!top.1, true);
+            } else if t.starts_with("#endif") {
+                stack.pop().ok_or_else(|| {
+                    self.fail(k, format!("body line {}: #endif without #if", n + 1))
+                })?;
+            } else if kept(&stack) {
+                let mut l = line.to_string();
+                for (a, b) in k {
+                    l = l.replace(&format!("{{{{{a}}}}}"), b);
+                }
+                if let Some(i) = l.find("{{") {
+                    return Err(self.fail(
+                        k,
+                        format!("body line {}: unknown placeholder {}", n + 1, &l[i..]),
+                    ));
+                }
+                out.push_str(&l);
+                out.push('\n');
+            }
+        }
+        if !stack.is_empty() {
+            return Err(self.fail(k, "#if without #endif".into()));
+        }
+        Ok(out)
+    }
+
+    /// Generate and validate with naga.
+    pub fn build(&self, k: &Knobs, caps: &Caps) -> Result<String, CodegenError> {
+        let wgsl = self.generate(k)?;
+        validate(&wgsl, caps).map_err(|msg| self.fail(k, msg))?;
+        Ok(wgsl)
+    }
+}
+
+/// Validate WGSL with naga under the capabilities `caps` enables; the error
+/// quotes the offending generated line.
+pub fn validate(wgsl: &str, caps: &Caps) -> Result<naga::Module, String> {
+    use naga::valid::{
+        Capabilities, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator,
+    };
+    let module = naga::front::wgsl::parse_str(wgsl).map_err(|e| {
+        let loc = e
+            .location(wgsl)
+            .map(|l| {
+                format!(
+                    "generated line {}: `{}`: ",
+                    l.line_number,
+                    wgsl.lines()
+                        .nth(l.line_number as usize - 1)
+                        .unwrap_or("")
+                        .trim()
+                )
+            })
+            .unwrap_or_default();
+        format!("{loc}{}", e.emit_to_string(wgsl))
+    })?;
+    let mut cap = Capabilities::empty();
+    if caps.f16 {
+        cap |= Capabilities::SHADER_FLOAT16;
+    }
+    if caps.subgroups {
+        cap |= Capabilities::SUBGROUP;
+    }
+    let mut v = Validator::new(ValidationFlags::all(), cap);
+    if caps.subgroups {
+        v.subgroup_stages(ShaderStages::COMPUTE);
+        v.subgroup_operations(SubgroupOperationSet::all());
+    }
+    v.validate(&module).map_err(|e| e.emit_to_string(wgsl))?;
+    Ok(module)
+}
+
+impl fmt::Display for Template {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.name)
+    }
+}
