@@ -23,6 +23,9 @@ pub enum Error {
     /// Bad input at run time (token out of range, context exceeded, ...).
     #[error("{0}")]
     Input(String),
+    /// No usable GPU adapter, a device request that failed, or a GPU error.
+    #[error("{0}")]
+    Gpu(String),
 }
 
 /// kiln's result type.

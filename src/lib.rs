@@ -4,7 +4,9 @@
 //! binds it to weights and hyperparameters; the CPU [`reference`] interpreter
 //! runs the bound graph and is the oracle every GPU kernel is checked against.
 
+pub mod codegen;
 pub mod error;
+pub mod exec;
 pub mod graph;
 pub mod model;
 pub mod reference;

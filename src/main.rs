@@ -7,6 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::error::{Error, Result};
+use kiln::exec::context::device_type_name;
+use kiln::exec::{choose_adapter, list_adapters, FeatureRequest, GpuOptions};
 use kiln::model::gguf::Gguf;
 use kiln::reference::Reference;
 use kiln::session::{default_model, generate, summarize, Model, Sampler};
@@ -20,6 +22,32 @@ use kiln::session::{default_model, generate, summarize, Model, Sampler};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    gpu: GpuArgs,
+}
+
+/// GPU choice, accepted by every subcommand.
+#[derive(clap::Args)]
+struct GpuArgs {
+    /// GPU adapter: a case-insensitive substring of its name (see `kiln devices`).
+    /// Default: $KILN_ADAPTER, else a discrete GPU, then integrated, then CPU (lavapipe).
+    #[arg(long, global = true, value_name = "NAME")]
+    adapter: Option<String>,
+    /// Optional GPU features kiln may use: none|f16|subgroups|all.
+    /// Default: $KILN_FEATURES, else all that the adapter offers.
+    #[arg(long, global = true, value_name = "SET")]
+    features: Option<FeatureRequest>,
+}
+
+impl GpuArgs {
+    /// The options for the executor; unset ones fall back to the environment.
+    fn options(&self) -> Result<GpuOptions> {
+        GpuOptions {
+            adapter: self.adapter.clone(),
+            features: self.features,
+        }
+        .or_env()
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,6 +117,8 @@ enum Cmd {
         /// The GGUF file.
         model: PathBuf,
     },
+    /// List GPU adapters, their features and limits; mark the one kiln would use.
+    Devices,
 }
 
 fn main() -> ExitCode {
@@ -196,7 +226,71 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model } => inspect(&model),
+        Cmd::Devices => devices(&cli.gpu),
     }
+}
+
+fn devices(gpu: &GpuArgs) -> Result<()> {
+    let opts = gpu.options()?;
+    let adapters = list_adapters();
+    let chosen = choose_adapter(&adapters, opts.adapter.as_deref())?;
+    let request = opts.feature_request();
+    let bytes = |b: u64| match b {
+        _ if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{} GiB", b >> 30),
+        _ if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{} MiB", b >> 20),
+        _ if b >= 1 << 10 && b.is_multiple_of(1 << 10) => format!("{} KiB", b >> 10),
+        _ if b >= 1 << 30 => format!("{b} B (~{:.1} GiB)", b as f64 / (1u64 << 30) as f64),
+        _ if b >= 1 << 20 => format!("{b} B (~{:.1} MiB)", b as f64 / (1u64 << 20) as f64),
+        _ => format!("{b} B"),
+    };
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    for (i, a) in adapters.iter().enumerate() {
+        let info = &a.info;
+        let mark = if i == chosen { "*" } else { " " };
+        println!("{mark} [{i}] {}", info.name);
+        println!(
+            "      backend {}, {}, vendor {:#06x} device {:#06x}",
+            info.backend,
+            device_type_name(info.device_type),
+            info.vendor,
+            info.device
+        );
+        match (info.driver.is_empty(), info.driver_info.is_empty()) {
+            (false, false) => println!("      driver {} ({})", info.driver, info.driver_info),
+            (false, true) => println!("      driver {}", info.driver),
+            (true, false) => println!("      driver {}", info.driver_info),
+            (true, true) => {}
+        }
+        let o = &a.offered;
+        let sg = if o.subgroups {
+            format!("yes (size {}..{})", o.subgroup_min, o.subgroup_max)
+        } else {
+            "no".into()
+        };
+        println!(
+            "      features: shader-f16 {}, subgroups {sg}, timestamp queries {}",
+            yes(o.f16),
+            yes(o.timestamps)
+        );
+        let l = &a.limits;
+        println!(
+            "      limits: storage binding {}, buffer {}, workgroup storage {}, \
+             invocations/workgroup {}, storage buffers/stage {}, storage offset alignment {}",
+            bytes(l.max_storage_buffer_binding_size),
+            bytes(l.max_buffer_size),
+            bytes(l.max_compute_workgroup_storage_size as u64),
+            l.max_compute_invocations_per_workgroup,
+            l.max_storage_buffers_per_shader_stage,
+            l.min_storage_buffer_offset_alignment
+        );
+        if i == chosen {
+            println!(
+                "      kiln would use this adapter with --features {request}: {}",
+                o.restrict(request)
+            );
+        }
+    }
+    Ok(())
 }
 
 fn inspect(path: &Path) -> Result<()> {

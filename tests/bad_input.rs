@@ -663,6 +663,52 @@ fn embedding_of_an_unsupported_dtype() {
 }
 
 #[test]
+fn weight_with_a_zero_dimension() {
+    // A GGUF may declare an empty tensor; no op can use one (a zero-length
+    // row would divide by zero in the reference matmul and norms).
+    let mut w = tiny_llama();
+    set_tensor(
+        &mut w,
+        "blk.0.attn_k.weight",
+        &[D_MODEL, 0],
+        DType::F32,
+        vec![],
+    );
+    let gguf = load(&w);
+    let e = Graph::parse(LLAMA, "llama.ron")
+        .unwrap()
+        .bind(&gguf)
+        .unwrap_err();
+    assert_has(
+        &e.msg,
+        &[
+            "weight 'blk.0.attn_k.weight' has a zero dimension",
+            "[64, 0]",
+            "corrupt",
+        ],
+    );
+    let at = pos_of(LLAMA, "\"blk.{i}.attn_k.weight\"");
+    assert_pos(&e, at.line, at.col);
+
+    // Everything zero-sized and consistent: binds no further than the table.
+    let w = GgufWriter {
+        metadata: vec![("general.architecture".into(), MetaValue::Str("x".into()))],
+        tensors: vec![("e".into(), vec![0, 10], DType::F32, vec![])],
+    };
+    let gguf = load(&w);
+    let text = graph_with(
+        "",
+        &[
+            r#"Let("x", Embed(table: "e", ids: "tokens")),"#,
+            r#"Let("l", MatMul(x: "x", w: "e")),"#,
+        ],
+        "l",
+    );
+    let e = bind_err(&text, &gguf);
+    assert_has(&e.msg, &["weight 'e' has a zero dimension"]);
+}
+
+#[test]
 fn reserved_and_rebound_names() {
     let gguf = load(&tiny_llama());
     let text = graph_with("\"arch\": 1", &[EMBED, LOGITS], "logits");

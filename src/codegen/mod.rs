@@ -10,7 +10,10 @@
 //!   bytes, as an expression over the knobs;
 //! - `{{NAME}}` is replaced by the knob's value;
 //! - lines `#if EXPR`, `#else`, `#endif` keep or drop the lines between them
-//!   (EXPR is a graph expression over the knobs, see [`crate::graph::expr`]).
+//!   (EXPR is a graph expression over the knobs, see [`crate::graph::expr`];
+//!   string knobs compare as `DTYPE == 'Q4_K'`);
+//! - a line `#include FILE` splices kernels/lib/FILE (shared WGSL such as
+//!   dequantization), preprocessed with the same knobs.
 //!
 //! A knob value the adapter or the forced feature set cannot run is never
 //! generated ([`Template::variants`]).
@@ -126,8 +129,27 @@ impl Env for KnobEnv<'_> {
 }
 
 /// The templates compiled into kiln, from kernels/.
-pub const SOURCES: &[(&str, &str)] =
-    &[("rms_norm.wgsl", include_str!("../../kernels/rms_norm.wgsl"))];
+/// Add new templates here (one line each).
+pub const SOURCES: &[(&str, &str)] = &[
+    ("rms_norm.wgsl", include_str!("../../kernels/rms_norm.wgsl")),
+    ("layer_norm.wgsl", include_str!("../../kernels/layer_norm.wgsl")),
+    ("matmul_vec.wgsl", include_str!("../../kernels/matmul_vec.wgsl")),
+    ("matmul_tiled.wgsl", include_str!("../../kernels/matmul_tiled.wgsl")),
+    ("embed.wgsl", include_str!("../../kernels/embed.wgsl")),
+    ("rope.wgsl", include_str!("../../kernels/rope.wgsl")),
+    ("attention.wgsl", include_str!("../../kernels/attention.wgsl")),
+    ("unary.wgsl", include_str!("../../kernels/unary.wgsl")),
+    ("binary.wgsl", include_str!("../../kernels/binary.wgsl")),
+    ("softmax.wgsl", include_str!("../../kernels/softmax.wgsl")),
+    ("argmax.wgsl", include_str!("../../kernels/argmax.wgsl")),
+    ("copy_strided.wgsl", include_str!("../../kernels/copy_strided.wgsl")),
+];
+
+/// Shared WGSL that templates `#include`, from kernels/lib/.
+pub const LIBS: &[(&str, &str)] = &[(
+    "dequant.wgsl",
+    include_str!("../../kernels/lib/dequant.wgsl"),
+)];
 
 /// All built-in templates.
 pub fn templates() -> Result<Vec<Template>, CodegenError> {
@@ -271,10 +293,16 @@ impl Template {
         for d in self.doc.lines() {
             out.push_str(&format!("// {d}\n"));
         }
-        // Stack of (this branch is kept, some branch was taken, parent kept).
+        self.expand(&self.body, k, &mut out, 0)?;
+        Ok(out)
+    }
+
+    /// Preprocess `body` into `out`; `depth` bounds nested includes.
+    fn expand(&self, body: &str, k: &Knobs, out: &mut String, depth: u32) -> Result<(), CodegenError> {
+        // Stack of (this branch is kept, some branch was taken).
         let mut stack: Vec<(bool, bool)> = Vec::new();
         let kept = |s: &Vec<(bool, bool)>| s.iter().all(|e| e.0);
-        for (n, line) in self.body.lines().enumerate() {
+        for (n, line) in body.lines().enumerate() {
             let t = line.trim_start();
             if let Some(c) = t.strip_prefix("#if ") {
                 let v = expr::parse(c)
@@ -293,6 +321,20 @@ impl Template {
                 stack.pop().ok_or_else(|| {
                     self.fail(k, format!("body line {}: #endif without #if", n + 1))
                 })?;
+            } else if let Some(file) = t.strip_prefix("#include ") {
+                if !kept(&stack) {
+                    continue;
+                }
+                let file = file.trim();
+                let lib = LIBS.iter().find(|l| l.0 == file).ok_or_else(|| {
+                    self.fail(k, format!("body line {}: #include {file}: no such file in kernels/lib/", n + 1))
+                })?;
+                if depth > 4 {
+                    return Err(self.fail(k, format!("#include {file}: includes nest too deep")));
+                }
+                out.push_str(&format!("// ---- kernels/lib/{file}\n"));
+                self.expand(lib.1, k, out, depth + 1)?;
+                out.push_str(&format!("// ---- end of kernels/lib/{file}\n"));
             } else if kept(&stack) {
                 let mut l = line.to_string();
                 for (a, b) in k {
@@ -311,7 +353,7 @@ impl Template {
         if !stack.is_empty() {
             return Err(self.fail(k, "#if without #endif".into()));
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Generate and validate with naga.

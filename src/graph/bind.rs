@@ -237,6 +237,12 @@ impl Binder<'_> {
                 )
             })?;
             if let Some(info) = self.gguf.tensor(&name) {
+                if info.dims.contains(&0) {
+                    // Every op (and every kernel) assumes non-empty rows.
+                    return Err(self.err(src.pos, format!(
+                        "weight '{name}' has a zero dimension (GGML dims {:?}); the model file is corrupt",
+                        info.dims)));
+                }
                 let ok = match dtypes {
                     Some(list) => list.contains(&info.dtype),
                     None => info.dtype.is_supported(),

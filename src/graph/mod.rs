@@ -62,7 +62,12 @@ impl Graph {
                 line: e.position.line as u32,
                 col: e.position.col as u32,
             }),
-            msg: e.code.to_string(),
+            msg: match e.code {
+                ron::Error::ExceededRecursionLimit => {
+                    "statements or values nest too deeply (more than kiln's limit); flatten the graph".into()
+                }
+                code => code.to_string(),
+            },
         })?;
         let table = span::string_literal_positions(text);
         schema::finish(&mut file, &table).map_err(|(pos, msg)| GraphError {

@@ -170,11 +170,13 @@ impl<'a> Reference<'a> {
                     let mut y = Vec::with_capacity(t * d);
                     for &id in input(0) {
                         let id = id as usize;
-                        y.extend(dequantize(
-                            w.dtype,
-                            &data[id * row_bytes..(id + 1) * row_bytes],
-                            d,
-                        )?);
+                        let row = data.get(id * row_bytes..(id + 1) * row_bytes).ok_or_else(|| {
+                            Error::Input(format!(
+                                "Embed: id {id} is out of range for '{}' ({} rows)",
+                                w.name, w.dims[1]
+                            ))
+                        })?;
+                        y.extend(dequantize(w.dtype, row, d)?);
                     }
                     y
                 }

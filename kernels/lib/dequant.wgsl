@@ -1,0 +1,1 @@
+// dequantization helpers (placeholder: being written)

@@ -1,0 +1,206 @@
+//! Building and running single kernels: a generated WGSL variant becomes a
+//! pipeline; buffers are uploaded, bound in order and read back. The plan
+//! executor and the per-op GPU tests both use this.
+
+use wgpu::util::DeviceExt;
+
+use super::GpuContext;
+use crate::codegen::{Caps, CodegenError, Knobs, Template};
+use crate::error::{Error, Result};
+
+/// What codegen may use on this context.
+pub fn caps(ctx: &GpuContext) -> Caps {
+    Caps {
+        f16: ctx.features.f16,
+        subgroups: ctx.features.subgroups,
+        max_invocations: ctx.limits.max_compute_invocations_per_workgroup,
+        max_wg_storage: ctx.limits.max_compute_workgroup_storage_size,
+    }
+}
+
+/// A compiled kernel variant.
+pub struct Kernel {
+    /// `template.knob-values`, for labels and messages.
+    pub name: String,
+    /// The generated WGSL.
+    pub wgsl: String,
+    /// The pipeline (bind group 0 layout derived from the shader).
+    pub pipeline: wgpu::ComputePipeline,
+}
+
+impl Kernel {
+    /// Generate, validate with naga, and compile a template variant.
+    pub fn build(ctx: &GpuContext, t: &Template, knobs: &Knobs) -> Result<Kernel> {
+        let caps = caps(ctx);
+        if !t.legal(knobs, &caps).map_err(cg)? {
+            return Err(Error::Gpu(format!(
+                "kernel {} [{}] cannot run on this adapter/feature set",
+                t.name,
+                crate::codegen::knobs_str(knobs)
+            )));
+        }
+        let wgsl = t.build(knobs, &caps).map_err(cg)?;
+        let name = crate::codegen::variant_name(&t.name, knobs);
+        Ok(Self::from_wgsl(ctx, &name, wgsl))
+    }
+
+    /// Compile WGSL that naga has already validated.
+    pub fn from_wgsl(ctx: &GpuContext, name: &str, wgsl: String) -> Kernel {
+        let module = ctx
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(name),
+                source: wgpu::ShaderSource::Wgsl(wgsl.as_str().into()),
+            });
+        let pipeline = ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(name),
+                layout: None,
+                module: &module,
+                entry_point: Some("main"),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        Kernel {
+            name: name.to_string(),
+            wgsl,
+            pipeline,
+        }
+    }
+
+    /// A bind group over `buffers`, bound at 0, 1, 2, ... in order.
+    pub fn bind(&self, ctx: &GpuContext, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    }
+
+    /// Record one dispatch.
+    pub fn dispatch(&self, enc: &mut wgpu::CommandEncoder, bind: &wgpu::BindGroup, groups: [u32; 3]) {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(&self.name),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, bind, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+}
+
+fn cg(e: CodegenError) -> Error {
+    Error::Gpu(e.to_string())
+}
+
+/// Spread `n` workgroups over x and y so neither exceeds `max` (65535 on
+/// most adapters); kernels recover the linear index as
+/// `wg.x + wg.y * num_workgroups.x` and return when it is ≥ n.
+pub fn spread(n: u32, max: u32) -> [u32; 3] {
+    if n <= max {
+        [n.max(1), 1, 1]
+    } else {
+        let y = n.div_ceil(max);
+        [n.div_ceil(y), y, 1]
+    }
+}
+
+/// A storage buffer holding `bytes` (padded to 4 bytes), usable as a copy
+/// source and destination.
+pub fn storage(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+    let mut padded;
+    let contents = if bytes.len() % 4 != 0 || bytes.is_empty() {
+        padded = bytes.to_vec();
+        padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+        &padded[..]
+    } else {
+        bytes
+    };
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// A storage buffer of `n` f32 filled with NaN (to catch unwritten outputs).
+pub fn poisoned(ctx: &GpuContext, label: &str, n: usize) -> wgpu::Buffer {
+    storage(ctx, label, bytemuck::cast_slice(&vec![f32::NAN; n.max(1)]))
+}
+
+/// A uniform buffer of 32-bit words (f32 values go in as `to_bits()`),
+/// padded to 16 bytes.
+pub fn uniform(ctx: &GpuContext, label: &str, words: &[u32]) -> wgpu::Buffer {
+    let mut w = words.to_vec();
+    w.resize(words.len().div_ceil(4).max(1) * 4, 0);
+    ctx.device
+        .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::cast_slice(&w),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+}
+
+/// Copy `bytes` bytes from the start of `buf` back to the CPU (waits).
+pub fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    let size = bytes.div_ceil(4) * 4;
+    let staging = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
+    ctx.queue.submit([enc.finish()]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Gpu(format!("reading back a buffer: {e}"))),
+        Err(_) => return Err(Error::Gpu("reading back a buffer: no answer".into())),
+    }
+    let errors = ctx.take_errors();
+    if !errors.is_empty() {
+        return Err(Error::Gpu(errors.join("; ")));
+    }
+    let v = staging
+        .get_mapped_range(..)
+        .map_err(|e| Error::Gpu(format!("mapping a buffer: {e:?}")))?
+        .to_vec();
+    staging.unmap();
+    Ok(v[..bytes as usize].to_vec())
+}
+
+/// Read `n` f32 from the start of `buf`.
+pub fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+    let b = read_bytes(ctx, buf, n as u64 * 4)?;
+    Ok(bytemuck::pod_collect_to_vec(&b))
+}
+
+/// Relative L2 error ‖a − b‖ / ‖b‖ (NaN anywhere gives infinity).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
