@@ -64,7 +64,7 @@ impl Graph {
             }),
             msg: match e.code {
                 ron::Error::ExceededRecursionLimit => {
-                    "statements or values nest too deeply (more than kiln's limit); flatten the graph".into()
+                    "statements or values nest too deeply (ron's recursion limit is 128 levels); flatten the graph".into()
                 }
                 code => code.to_string(),
             },
