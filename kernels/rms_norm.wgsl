@@ -1,5 +1,6 @@
 //! kiln template: rms_norm
-//! RMS norm over rows: y = x / sqrt(mean(x^2) + eps) * w. One workgroup per row.
+//! RMS norm over rows: y = x / sqrt(mean(x^2) + eps) * w. One workgroup per row
+//! (linear workgroup index wg.x + wg.y * num_workgroups.x).
 //! knob WG: 64 128 256
 //! knob SUBGROUPS: 0 1
 //! wg_storage: WG * 4
@@ -22,6 +23,7 @@ var<workgroup> partial: array<f32, {{WG}}>;
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 #if SUBGROUPS
     @builtin(subgroup_invocation_id) sg_lane: u32,
@@ -29,7 +31,7 @@ fn main(
     @builtin(num_subgroups) n_sg: u32,
 #endif
 ) {
-    let row = wg.x;
+    let row = wg.x + wg.y * nwg.x;
     if row >= p.rows {
         return;
     }

@@ -9,5 +9,6 @@ pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod model;
+pub mod plan;
 pub mod reference;
 pub mod session;

@@ -1,6 +1,6 @@
 //! The `kiln` command line: a thin layer over the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -8,9 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use kiln::error::{Error, Result};
 use kiln::exec::context::device_type_name;
-use kiln::exec::{choose_adapter, list_adapters, FeatureRequest, GpuOptions};
+use kiln::exec::gpu::GpuBackend;
+use kiln::exec::{choose_adapter, list_adapters, FeatureRequest, GpuContext, GpuOptions};
 use kiln::model::gguf::Gguf;
 use kiln::reference::Reference;
+use kiln::session::Backend;
 use kiln::session::{default_model, generate, summarize, Model, Sampler};
 
 #[derive(Parser)]
@@ -52,8 +54,10 @@ impl GpuArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendKind {
-    /// The f32 CPU reference interpreter.
+    /// The f32 CPU reference interpreter (the oracle).
     Cpu,
+    /// WGSL kernels on the GPU adapter (see `kiln devices`).
+    Gpu,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +123,14 @@ enum Cmd {
     },
     /// List GPU adapters, their features and limits; mark the one kiln would use.
     Devices,
+    /// Write every WGSL kernel the model's plans use (decode and prefill).
+    Kernels {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -139,6 +151,30 @@ fn load(m: &ModelArgs) -> Result<Model> {
     Model::load(&path, m.graph.as_deref())
 }
 
+/// Run `f` with the backend `m` asks for.
+fn with_backend<R>(
+    m: &ModelArgs,
+    gpu: &GpuArgs,
+    model: &Model,
+    n_ctx: usize,
+    f: &mut dyn FnMut(&mut dyn Backend) -> Result<R>,
+) -> Result<R> {
+    match m.backend {
+        BackendKind::Cpu => f(&mut Reference::new(&model.bound, &model.gguf, n_ctx)?),
+        BackendKind::Gpu => {
+            let ctx = GpuContext::new(&gpu.options()?)?;
+            let progress = std::io::stderr().is_terminal();
+            f(&mut GpuBackend::new(
+                &ctx,
+                &model.bound,
+                &model.gguf,
+                n_ctx,
+                progress,
+            )?)
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Run {
@@ -152,22 +188,15 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let model = load(&m)?;
             let ids = model.tokenizer.encode(&prompt)?;
-            let BackendKind::Cpu = m.backend;
-            let mut backend = Reference::new(&model.bound, &model.gguf, m.ctx)?;
             let mut sampler = Sampler::new(temp, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
-            print!("{prompt}");
-            let (_, stats) = generate(
-                &mut backend,
-                &model.tokenizer,
-                &ids,
-                n,
-                &mut sampler,
-                &mut |s| {
+            let (_, stats) = with_backend(&m, &cli.gpu, &model, m.ctx, &mut |backend| {
+                print!("{prompt}");
+                generate(backend, &model.tokenizer, &ids, n, &mut sampler, &mut |s| {
                     print!("{s}");
                     let _ = stdout.flush();
-                },
-            )?;
+                })
+            })?;
             println!();
             let rate = |n: usize, t: std::time::Duration| n as f64 / t.as_secs_f64().max(1e-9);
             eprintln!(
@@ -192,9 +221,9 @@ fn run(cli: Cli) -> Result<()> {
                 (None, Some(text)) => (model.tokenizer.encode(&text)?, Some(text)),
                 (None, None) => return Err(Error::Input("give text or --tokens 1,2,3".into())),
             };
-            let BackendKind::Cpu = m.backend;
-            let mut backend = Reference::new(&model.bound, &model.gguf, m.ctx.max(ids.len()))?;
-            let logits = backend.forward(&ids, false)?;
+            let logits = with_backend(&m, &cli.gpu, &model, m.ctx.max(ids.len()), &mut |b| {
+                b.forward(&ids, false)
+            })?;
             let rows: Vec<_> = (0..logits.rows())
                 .map(|r| summarize(r, logits.row(r), top))
                 .collect();
@@ -226,6 +255,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { model } => inspect(&model),
+        Cmd::Kernels { m, out } => {
+            let model = load(&m)?;
+            let ctx = GpuContext::new(&cli.gpu.options()?)?;
+            let caps = kiln::exec::kernel::caps(&ctx);
+            let files = kiln::plan::write_kernels(
+                &model.bound,
+                caps,
+                ctx.limits.max_storage_buffer_binding_size,
+                &out,
+            )?;
+            for f in &files {
+                println!("{}", f.display());
+            }
+            eprintln!(
+                "{} kernels written to {} for {}",
+                files.len(),
+                out.display(),
+                ctx.adapter_info.name
+            );
+            Ok(())
+        }
         Cmd::Devices => devices(&cli.gpu),
     }
 }

@@ -25,7 +25,11 @@ fn rms_norm_all_variants() {
                 let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&x));
                 let wb = kernel::storage(&ctx, "w", bytemuck::cast_slice(&w));
                 let yb = kernel::poisoned(&ctx, "y", rows * d);
-                let pb = kernel::uniform(&ctx, "p", &[d as u32, rows as u32, (eps as f32).to_bits(), with_w as u32]);
+                let pb = kernel::uniform(
+                    &ctx,
+                    "p",
+                    &[d as u32, rows as u32, (eps as f32).to_bits(), with_w as u32],
+                );
                 let bind = k.bind(&ctx, &[&xb, &wb, &yb, &pb]);
                 let mut enc = ctx.device.create_command_encoder(&Default::default());
                 k.dispatch(&mut enc, &bind, [rows as u32, 1, 1]);

@@ -132,17 +132,32 @@ impl Env for KnobEnv<'_> {
 /// Add new templates here (one line each).
 pub const SOURCES: &[(&str, &str)] = &[
     ("rms_norm.wgsl", include_str!("../../kernels/rms_norm.wgsl")),
-    ("layer_norm.wgsl", include_str!("../../kernels/layer_norm.wgsl")),
-    ("matmul_vec.wgsl", include_str!("../../kernels/matmul_vec.wgsl")),
-    ("matmul_tiled.wgsl", include_str!("../../kernels/matmul_tiled.wgsl")),
+    (
+        "layer_norm.wgsl",
+        include_str!("../../kernels/layer_norm.wgsl"),
+    ),
+    (
+        "matmul_vec.wgsl",
+        include_str!("../../kernels/matmul_vec.wgsl"),
+    ),
+    (
+        "matmul_tiled.wgsl",
+        include_str!("../../kernels/matmul_tiled.wgsl"),
+    ),
     ("embed.wgsl", include_str!("../../kernels/embed.wgsl")),
     ("rope.wgsl", include_str!("../../kernels/rope.wgsl")),
-    ("attention.wgsl", include_str!("../../kernels/attention.wgsl")),
+    (
+        "attention.wgsl",
+        include_str!("../../kernels/attention.wgsl"),
+    ),
     ("unary.wgsl", include_str!("../../kernels/unary.wgsl")),
     ("binary.wgsl", include_str!("../../kernels/binary.wgsl")),
     ("softmax.wgsl", include_str!("../../kernels/softmax.wgsl")),
     ("argmax.wgsl", include_str!("../../kernels/argmax.wgsl")),
-    ("copy_strided.wgsl", include_str!("../../kernels/copy_strided.wgsl")),
+    (
+        "copy_strided.wgsl",
+        include_str!("../../kernels/copy_strided.wgsl"),
+    ),
 ];
 
 /// Shared WGSL that templates `#include`, from kernels/lib/.
@@ -298,7 +313,13 @@ impl Template {
     }
 
     /// Preprocess `body` into `out`; `depth` bounds nested includes.
-    fn expand(&self, body: &str, k: &Knobs, out: &mut String, depth: u32) -> Result<(), CodegenError> {
+    fn expand(
+        &self,
+        body: &str,
+        k: &Knobs,
+        out: &mut String,
+        depth: u32,
+    ) -> Result<(), CodegenError> {
         // Stack of (this branch is kept, some branch was taken).
         let mut stack: Vec<(bool, bool)> = Vec::new();
         let kept = |s: &Vec<(bool, bool)>| s.iter().all(|e| e.0);
@@ -327,7 +348,13 @@ impl Template {
                 }
                 let file = file.trim();
                 let lib = LIBS.iter().find(|l| l.0 == file).ok_or_else(|| {
-                    self.fail(k, format!("body line {}: #include {file}: no such file in kernels/lib/", n + 1))
+                    self.fail(
+                        k,
+                        format!(
+                            "body line {}: #include {file}: no such file in kernels/lib/",
+                            n + 1
+                        ),
+                    )
                 })?;
                 if depth > 4 {
                     return Err(self.fail(k, format!("#include {file}: includes nest too deep")));

@@ -87,7 +87,12 @@ impl Kernel {
     }
 
     /// Record one dispatch.
-    pub fn dispatch(&self, enc: &mut wgpu::CommandEncoder, bind: &wgpu::BindGroup, groups: [u32; 3]) {
+    pub fn dispatch(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        bind: &wgpu::BindGroup,
+        groups: [u32; 3],
+    ) {
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some(&self.name),
             timestamp_writes: None,
@@ -118,7 +123,7 @@ pub fn spread(n: u32, max: u32) -> [u32; 3] {
 /// source and destination.
 pub fn storage(ctx: &GpuContext, label: &str, bytes: &[u8]) -> wgpu::Buffer {
     let mut padded;
-    let contents = if bytes.len() % 4 != 0 || bytes.is_empty() {
+    let contents = if !bytes.len().is_multiple_of(4) || bytes.is_empty() {
         padded = bytes.to_vec();
         padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
         &padded[..]

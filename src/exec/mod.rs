@@ -2,6 +2,7 @@
 //! pipeline cache, stream record/replay, KV cache and readback.
 
 pub mod context;
+pub mod gpu;
 pub mod kernel;
 
 pub use context::{

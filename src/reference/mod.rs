@@ -170,12 +170,14 @@ impl<'a> Reference<'a> {
                     let mut y = Vec::with_capacity(t * d);
                     for &id in input(0) {
                         let id = id as usize;
-                        let row = data.get(id * row_bytes..(id + 1) * row_bytes).ok_or_else(|| {
-                            Error::Input(format!(
-                                "Embed: id {id} is out of range for '{}' ({} rows)",
-                                w.name, w.dims[1]
-                            ))
-                        })?;
+                        let row =
+                            data.get(id * row_bytes..(id + 1) * row_bytes)
+                                .ok_or_else(|| {
+                                    Error::Input(format!(
+                                        "Embed: id {id} is out of range for '{}' ({} rows)",
+                                        w.name, w.dims[1]
+                                    ))
+                                })?;
                         y.extend(dequantize(w.dtype, row, d)?);
                     }
                     y

@@ -95,12 +95,17 @@ pub fn fresh_seed() -> u64 {
 /// GPU contexts for the four feature sets kiln tests, on the default adapter.
 pub fn gpu_contexts() -> Vec<kiln::exec::GpuContext> {
     use kiln::exec::{FeatureRequest, GpuContext};
-    [FeatureRequest::None, FeatureRequest::F16, FeatureRequest::Subgroups, FeatureRequest::All]
-        .into_iter()
-        .map(|r| {
-            GpuContext::with_features(r).unwrap_or_else(|e| {
-                panic!("no GPU adapter ({e}); run tools/setup.sh, which installs Mesa's lavapipe")
-            })
+    [
+        FeatureRequest::None,
+        FeatureRequest::F16,
+        FeatureRequest::Subgroups,
+        FeatureRequest::All,
+    ]
+    .into_iter()
+    .map(|r| {
+        GpuContext::with_features(r).unwrap_or_else(|e| {
+            panic!("no GPU adapter ({e}); run tools/setup.sh, which installs Mesa's lavapipe")
         })
-        .collect()
+    })
+    .collect()
 }

@@ -1,0 +1,837 @@
+//! The planner: a [`BoundGraph`] becomes a [`Plan`], a list of launches
+//! (kernel dispatches and buffer copies) with every size written as a linear
+//! function of the step's token count T and start position. A plan is data:
+//! the executor only resolves T and pos0 and runs it.
+//!
+//! One plan per shape bucket: [`Bucket::One`] (decode, matrix × vector
+//! kernels) and [`Bucket::Many`] (prefill, tiled kernels). The variant of each
+//! template is chosen for the adapter's features by [`choose`]; fusion and
+//! the liveness allocator come later and slot in here.
+
+use std::collections::BTreeMap;
+
+use crate::codegen::{self, Caps, Knobs, Template};
+use crate::error::{Error, Result};
+use crate::graph::ir::{BoundGraph, BoundOp, Dim, Kind, RopeMode, Unary};
+
+/// Which kernels a plan uses: decode (T = 1) or prefill (T > 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// One token per step.
+    One,
+    /// Many tokens per step.
+    Many,
+}
+
+/// `t·T + p·pos0 + c`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lin {
+    /// Coefficient of T.
+    pub t: u64,
+    /// Coefficient of pos0.
+    pub p: u64,
+    /// Constant.
+    pub c: u64,
+}
+
+impl Lin {
+    /// A constant.
+    pub fn c(c: u64) -> Lin {
+        Lin { t: 0, p: 0, c }
+    }
+    /// `k·T`.
+    pub fn t(k: u64) -> Lin {
+        Lin { t: k, p: 0, c: 0 }
+    }
+    /// `k·pos0`.
+    pub fn pos(k: u64) -> Lin {
+        Lin { t: 0, p: k, c: 0 }
+    }
+    /// Evaluate.
+    pub fn at(&self, t: usize, pos0: usize) -> u64 {
+        self.t * t as u64 + self.p * pos0 as u64 + self.c
+    }
+}
+
+/// One 32-bit word of a kernel's uniform parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Word {
+    /// An integer.
+    U(Lin),
+    /// A float.
+    F(f32),
+}
+
+/// How many workgroups a launch takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Groups {
+    /// `ceil(n / div)` groups spread over x and y, and `z` in z.
+    Linear {
+        /// Work items.
+        n: Lin,
+        /// Items per group.
+        div: u64,
+        /// z count.
+        z: Lin,
+    },
+    /// `tiles_n · ceil(m / tm)` groups spread over x and y (tiled matmul).
+    Tiles {
+        /// Tiles along N.
+        tiles_n: u64,
+        /// Rows M.
+        m: Lin,
+        /// Rows per tile.
+        tm: u64,
+    },
+}
+
+/// A buffer a launch reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Buf {
+    /// An intermediate value (after aliasing: reshapes share their input's).
+    Value(usize),
+    /// A chunk of a weight's raw GGUF bytes.
+    Raw {
+        /// Weight id.
+        weight: usize,
+        /// Chunk index.
+        chunk: usize,
+    },
+    /// A weight dequantized to f32.
+    F32(usize),
+    /// Key cache of an attention.
+    KCache(usize),
+    /// Value cache of an attention.
+    VCache(usize),
+    /// A 4-byte placeholder for an absent optional input.
+    Dummy,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Launch {
+    /// A kernel dispatch.
+    Kernel {
+        /// Index into [`Plan::kernels`].
+        kernel: usize,
+        /// Buffers bound at 0, 1, ... (the uniform parameters come last).
+        binds: Vec<Buf>,
+        /// The uniform parameters.
+        params: Vec<Word>,
+        /// Workgroups.
+        groups: Groups,
+        /// The graph node it computes.
+        node: usize,
+    },
+    /// A buffer copy, in bytes.
+    Copy {
+        /// Source.
+        src: Buf,
+        /// Source offset.
+        src_off: Lin,
+        /// Destination.
+        dst: Buf,
+        /// Destination offset.
+        dst_off: Lin,
+        /// Bytes.
+        size: Lin,
+    },
+}
+
+/// A kernel variant the plan uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KernelRef {
+    /// Template name.
+    pub template: String,
+    /// Chosen knob values.
+    pub knobs: Knobs,
+}
+
+impl KernelRef {
+    /// `template.knobvalue...`
+    pub fn name(&self) -> String {
+        codegen::variant_name(&self.template, &self.knobs)
+    }
+}
+
+/// How a weight is stored on the GPU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightPlan {
+    /// Raw chunks: (first row, rows); rows are GGML dims[1..] flattened.
+    pub chunks: Vec<(usize, usize)>,
+    /// Bytes per row.
+    pub row_bytes: usize,
+    /// Whether a dequantized f32 copy is needed (norm weights, Weight op).
+    pub f32_copy: bool,
+    /// Whether the raw bytes are needed (MatMul, Embed).
+    pub raw: bool,
+}
+
+/// A plan for one bucket.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The bucket.
+    pub bucket: Bucket,
+    /// Kernel variants, each once.
+    pub kernels: Vec<KernelRef>,
+    /// Launches in order.
+    pub launches: Vec<Launch>,
+    /// Per value: the buffer it lives in (its own or an alias) and its bytes
+    /// per token row (`None` for values not proportional to T... all are).
+    pub value_buf: Vec<usize>,
+    /// Per weight: storage.
+    pub weights: Vec<WeightPlan>,
+}
+
+impl Plan {
+    /// Dispatches per step (kernel launches, not copies).
+    pub fn dispatches(&self) -> usize {
+        self.launches
+            .iter()
+            .filter(|l| matches!(l, Launch::Kernel { .. }))
+            .count()
+    }
+}
+
+/// Pick a variant of `t` with the `fixed` knobs that `caps` can run. The
+/// cost model for now: subgroups and f16 when available, and for every other
+/// knob the value listed last in the template (templates list values from
+/// least to most preferred). The autotuner replaces this later.
+pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
+    let variants = t.variants(caps).map_err(|e| Error::Gpu(e.to_string()))?;
+    let score = |k: &Knobs| -> Vec<i64> {
+        let mut s = Vec::new();
+        for name in ["SUBGROUPS", "F16"] {
+            s.push(k.get(name).map_or(0, |v| (v != "0") as i64));
+        }
+        for knob in &t.knobs {
+            let v = &k[&knob.name];
+            s.push(knob.values.iter().position(|x| x == v).unwrap_or(0) as i64);
+        }
+        s
+    };
+    variants
+        .into_iter()
+        .filter(|k| fixed.iter().all(|(a, b)| k.get(a) == Some(b)))
+        .max_by_key(score)
+        .ok_or_else(|| {
+            Error::Gpu(format!(
+                "template {} has no variant with {} that this adapter can run",
+                t.name,
+                codegen::knobs_str(fixed)
+            ))
+        })
+}
+
+struct Builder {
+    caps: Caps,
+    templates: BTreeMap<String, Template>,
+    kernels: Vec<KernelRef>,
+    launches: Vec<Launch>,
+}
+
+impl Builder {
+    fn kernel(&mut self, template: &str, fixed: &[(&str, &str)]) -> Result<(usize, Knobs)> {
+        let t = self
+            .templates
+            .get(template)
+            .ok_or_else(|| Error::Gpu(format!("no kernel template '{template}'")))?;
+        let fixed: Knobs = fixed
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        let knobs = choose(t, &fixed, &self.caps)?;
+        let r = KernelRef {
+            template: template.into(),
+            knobs: knobs.clone(),
+        };
+        let i = match self.kernels.iter().position(|k| *k == r) {
+            Some(i) => i,
+            None => {
+                self.kernels.push(r);
+                self.kernels.len() - 1
+            }
+        };
+        Ok((i, knobs))
+    }
+
+    fn launch(
+        &mut self,
+        node: usize,
+        template: &str,
+        fixed: &[(&str, &str)],
+        binds: Vec<Buf>,
+        params: Vec<Word>,
+        groups: impl FnOnce(&Knobs) -> Groups,
+    ) -> Result<()> {
+        let (kernel, knobs) = self.kernel(template, fixed)?;
+        self.launches.push(Launch::Kernel {
+            kernel,
+            binds,
+            params,
+            groups: groups(&knobs),
+            node,
+        });
+        Ok(())
+    }
+}
+
+fn knob(k: &Knobs, name: &str, default: u64) -> u64 {
+    k.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Elements of a value as a linear function of T.
+fn numel(shape: &[Dim]) -> Lin {
+    let mut fixed = 1u64;
+    let mut has_t = false;
+    for d in shape {
+        match d {
+            Dim::Tokens => has_t = true,
+            Dim::Fixed(n) => fixed *= *n as u64,
+        }
+    }
+    if has_t {
+        Lin::t(fixed)
+    } else {
+        Lin::c(fixed)
+    }
+}
+
+fn u(l: Lin) -> Word {
+    Word::U(l)
+}
+
+fn uc(c: usize) -> Word {
+    Word::U(Lin::c(c as u64))
+}
+
+/// Plan `g` for `bucket` on an adapter with `caps`; weights larger than
+/// `max_binding` bytes are split into row chunks.
+pub fn plan(g: &BoundGraph, bucket: Bucket, caps: Caps, max_binding: u64) -> Result<Plan> {
+    let templates = codegen::templates()
+        .map_err(|e| Error::Gpu(e.to_string()))?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let mut b = Builder {
+        caps,
+        templates,
+        kernels: Vec::new(),
+        launches: Vec::new(),
+    };
+    // Weights: raw chunks for matmul/embed, f32 copies for the rest.
+    let mut weights: Vec<WeightPlan> = g
+        .weights
+        .iter()
+        .map(|w| {
+            let row_elems = w.dims[0];
+            let rows: usize = w.dims[1..].iter().product();
+            let row_bytes = w.dtype.bytes_for(row_elems as u64).unwrap_or(0) as usize;
+            let per_chunk = ((max_binding as usize) / row_bytes.max(1)).max(1);
+            let chunks = (0..rows)
+                .step_by(per_chunk)
+                .map(|r| (r, per_chunk.min(rows - r)))
+                .collect();
+            WeightPlan {
+                chunks,
+                row_bytes,
+                f32_copy: false,
+                raw: false,
+            }
+        })
+        .collect();
+    if let Some(w) = g
+        .weights
+        .iter()
+        .zip(&weights)
+        .find(|(_, p)| p.row_bytes as u64 > max_binding)
+    {
+        return Err(Error::Gpu(format!(
+            "one row of weight '{}' ({} bytes) exceeds the adapter's max_storage_buffer_binding_size ({max_binding} bytes)",
+            w.0.name, w.1.row_bytes
+        )));
+    }
+    // Reshape outputs share their input's buffer.
+    let mut value_buf: Vec<usize> = (0..g.values.len()).collect();
+    for n in &g.nodes {
+        if matches!(n.op, BoundOp::Reshape) {
+            value_buf[n.output] = value_buf[n.inputs[0]];
+        }
+    }
+    let vb = |v: usize| Buf::Value(value_buf[v]);
+    let tiled = bucket == Bucket::Many;
+    for (i, n) in g.nodes.iter().enumerate() {
+        let x = n.inputs.first().copied();
+        let in_shape = |j: usize| &g.values[n.inputs[j]].shape;
+        let out = vb(n.output);
+        let last = |s: &[Dim]| match s.last() {
+            Some(Dim::Fixed(d)) => *d,
+            _ => 1,
+        };
+        match &n.op {
+            BoundOp::Embed { table } => {
+                let w = &g.weights[*table];
+                weights[*table].raw = true;
+                let dt = w.dtype.to_string();
+                for (c, &(first, rows)) in weights[*table].chunks.clone().iter().enumerate() {
+                    b.launch(
+                        i,
+                        "embed",
+                        &[("DTYPE", &dt)],
+                        vec![
+                            Buf::Raw {
+                                weight: *table,
+                                chunk: c,
+                            },
+                            vb(n.inputs[0]),
+                            out,
+                        ],
+                        vec![u(Lin::t(1)), uc(w.dims[0]), uc(first), uc(rows)],
+                        |_| Groups::Linear {
+                            n: Lin::t(1),
+                            div: 1,
+                            z: Lin::c(1),
+                        },
+                    )?;
+                }
+            }
+            BoundOp::MatMul { w } => {
+                let wd = &g.weights[*w];
+                weights[*w].raw = true;
+                let (k, nn) = (wd.dims[0], wd.dims[1]);
+                let m = {
+                    let e = numel(in_shape(0));
+                    Lin {
+                        t: e.t / k as u64,
+                        p: 0,
+                        c: e.c / k as u64,
+                    }
+                };
+                let dt = wd.dtype.to_string();
+                for (c, &(first, rows)) in weights[*w].chunks.clone().iter().enumerate() {
+                    let binds = vec![
+                        Buf::Raw {
+                            weight: *w,
+                            chunk: c,
+                        },
+                        vb(n.inputs[0]),
+                        out,
+                    ];
+                    let params = vec![u(m), uc(k), uc(rows), uc(first), uc(nn)];
+                    if tiled {
+                        b.launch(i, "matmul_tiled", &[("DTYPE", &dt)], binds, params, |kn| {
+                            let tn = knob(kn, "TN", 1);
+                            Groups::Tiles {
+                                tiles_n: (rows as u64).div_ceil(tn),
+                                m,
+                                tm: knob(kn, "TM", 1),
+                            }
+                        })?;
+                    } else {
+                        b.launch(i, "matmul_vec", &[("DTYPE", &dt)], binds, params, |kn| {
+                            Groups::Linear {
+                                n: Lin::c(rows as u64),
+                                div: knob(kn, "ROWS", 1),
+                                z: m,
+                            }
+                        })?;
+                    }
+                }
+            }
+            BoundOp::RmsNorm { weight, eps } => {
+                let d = last(in_shape(0));
+                let rows = numel(in_shape(0));
+                let rows = Lin {
+                    t: rows.t / d as u64,
+                    p: 0,
+                    c: rows.c / d as u64,
+                };
+                if let Some(w) = weight {
+                    weights[*w].f32_copy = true;
+                }
+                let wbuf = weight.map_or(Buf::Dummy, Buf::F32);
+                b.launch(
+                    i,
+                    "rms_norm",
+                    &[],
+                    vec![vb(n.inputs[0]), wbuf, out],
+                    vec![
+                        uc(d),
+                        u(rows),
+                        Word::F(*eps as f32),
+                        uc(weight.is_some() as usize),
+                    ],
+                    |_| Groups::Linear {
+                        n: rows,
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::LayerNorm { weight, bias, eps } => {
+                let d = last(in_shape(0));
+                let rows = numel(in_shape(0));
+                let rows = Lin {
+                    t: rows.t / d as u64,
+                    p: 0,
+                    c: rows.c / d as u64,
+                };
+                for w in [weight, bias].into_iter().flatten() {
+                    weights[*w].f32_copy = true;
+                }
+                let flags = weight.is_some() as usize | (bias.is_some() as usize) << 1;
+                b.launch(
+                    i,
+                    "layer_norm",
+                    &[],
+                    vec![
+                        vb(n.inputs[0]),
+                        weight.map_or(Buf::Dummy, Buf::F32),
+                        bias.map_or(Buf::Dummy, Buf::F32),
+                        out,
+                    ],
+                    vec![uc(d), u(rows), Word::F(*eps as f32), uc(flags)],
+                    |_| Groups::Linear {
+                        n: rows,
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Rope {
+                mode,
+                base,
+                dims,
+                scale,
+            } => {
+                let (h, d) = heads(in_shape(0));
+                let neox = if *mode == RopeMode::Neox { "1" } else { "0" };
+                b.launch(
+                    i,
+                    "rope",
+                    &[("NEOX", neox)],
+                    vec![vb(n.inputs[0]), out],
+                    vec![
+                        u(Lin::t(1)),
+                        uc(h),
+                        uc(d),
+                        uc(*dims),
+                        u(Lin::pos(1)),
+                        Word::F(*base as f32),
+                        Word::F(*scale as f32),
+                    ],
+                    |_| Groups::Linear {
+                        n: Lin::t(h as u64),
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Attention {
+                scale,
+                window,
+                softcap,
+                cache,
+            } => {
+                let c = g.caches[*cache];
+                let (h, d) = heads(in_shape(0));
+                let kw = (c.kv_heads * c.k_dim * 4) as u64;
+                let vw = (c.kv_heads * c.v_dim * 4) as u64;
+                b.launches.push(Launch::Copy {
+                    src: vb(n.inputs[1]),
+                    src_off: Lin::c(0),
+                    dst: Buf::KCache(*cache),
+                    dst_off: Lin::pos(kw),
+                    size: Lin::t(kw),
+                });
+                b.launches.push(Launch::Copy {
+                    src: vb(n.inputs[2]),
+                    src_off: Lin::c(0),
+                    dst: Buf::VCache(*cache),
+                    dst_off: Lin::pos(vw),
+                    size: Lin::t(vw),
+                });
+                b.launch(
+                    i,
+                    "attention",
+                    &[],
+                    vec![
+                        vb(n.inputs[0]),
+                        Buf::KCache(*cache),
+                        Buf::VCache(*cache),
+                        out,
+                    ],
+                    vec![
+                        u(Lin::t(1)),
+                        uc(h),
+                        uc(c.kv_heads),
+                        uc(d),
+                        uc(c.v_dim),
+                        u(Lin::pos(1)),
+                        uc(window.unwrap_or(0)),
+                        Word::F(*scale as f32),
+                        Word::F(softcap.unwrap_or(0.0) as f32),
+                    ],
+                    |_| Groups::Linear {
+                        n: Lin::t(h as u64),
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Add | BoundOp::Mul => {
+                let op = if matches!(n.op, BoundOp::Add) {
+                    "add"
+                } else {
+                    "mul"
+                };
+                let ne = numel(in_shape(0));
+                let nb = numel(in_shape(1));
+                b.launch(
+                    i,
+                    "binary",
+                    &[("OP", op)],
+                    vec![vb(n.inputs[0]), vb(n.inputs[1]), out],
+                    vec![u(ne), u(nb)],
+                    |kn| Groups::Linear {
+                        n: ne,
+                        div: knob(kn, "WG", 1),
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Scale { .. } | BoundOp::Softcap { .. } | BoundOp::Unary(_) => {
+                let (op, alpha) = match &n.op {
+                    BoundOp::Scale { by } => ("scale", *by),
+                    BoundOp::Softcap { cap } => ("softcap", *cap),
+                    BoundOp::Unary(Unary::Silu) => ("silu", 0.0),
+                    BoundOp::Unary(Unary::Gelu) => ("gelu", 0.0),
+                    BoundOp::Unary(Unary::GeluTanh) => ("gelu_tanh", 0.0),
+                    BoundOp::Unary(Unary::Tanh) => ("tanh", 0.0),
+                    _ => ("relu", 0.0),
+                };
+                let ne = numel(in_shape(0));
+                b.launch(
+                    i,
+                    "unary",
+                    &[("OP", op)],
+                    vec![vb(n.inputs[0]), out],
+                    vec![u(ne), Word::F(alpha as f32)],
+                    |kn| Groups::Linear {
+                        n: ne,
+                        div: knob(kn, "WG", 1),
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Softmax | BoundOp::Argmax => {
+                let d = last(in_shape(0));
+                let rows = numel(in_shape(0));
+                let rows = Lin {
+                    t: rows.t / d as u64,
+                    p: 0,
+                    c: rows.c / d as u64,
+                };
+                let t = if matches!(n.op, BoundOp::Softmax) {
+                    "softmax"
+                } else {
+                    "argmax"
+                };
+                b.launch(
+                    i,
+                    t,
+                    &[],
+                    vec![vb(n.inputs[0]), out],
+                    vec![u(rows), uc(d)],
+                    |_| Groups::Linear {
+                        n: rows,
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+            BoundOp::Reshape => {}
+            BoundOp::Slice { axis, start, len } => {
+                let (outer, inner, x_len) = strides(in_shape(0), *axis);
+                copy_strided(
+                    &mut b,
+                    i,
+                    vb(n.inputs[0]),
+                    out,
+                    outer,
+                    inner,
+                    *len,
+                    x_len,
+                    *start,
+                    *len,
+                    0,
+                )?;
+            }
+            BoundOp::Concat { axis } => {
+                let y_len = match g.values[n.output].shape[*axis] {
+                    Dim::Fixed(v) => v,
+                    Dim::Tokens => 0,
+                };
+                let mut at = 0;
+                for j in 0..n.inputs.len() {
+                    let (outer, inner, x_len) = strides(in_shape(j), *axis);
+                    copy_strided(
+                        &mut b,
+                        i,
+                        vb(n.inputs[j]),
+                        out,
+                        outer,
+                        inner,
+                        x_len,
+                        x_len,
+                        0,
+                        y_len,
+                        at,
+                    )?;
+                    at += x_len;
+                }
+            }
+            BoundOp::Weight { w } => {
+                weights[*w].f32_copy = true;
+                let bytes = (g.weights[*w].numel() * 4) as u64;
+                b.launches.push(Launch::Copy {
+                    src: Buf::F32(*w),
+                    src_off: Lin::c(0),
+                    dst: out,
+                    dst_off: Lin::c(0),
+                    size: Lin::c(bytes),
+                });
+            }
+        }
+        let _ = x;
+        debug_assert!(g.values[n.output].kind == Kind::Ids || !matches!(n.op, BoundOp::Argmax));
+    }
+    Ok(Plan {
+        bucket,
+        kernels: b.kernels,
+        launches: b.launches,
+        value_buf,
+        weights,
+    })
+}
+
+fn heads(s: &[Dim]) -> (usize, usize) {
+    match s {
+        [_, Dim::Fixed(h), Dim::Fixed(d)] => (*h, *d),
+        _ => (1, 1),
+    }
+}
+
+/// (outer, inner, axis length) around `axis`; T counts in `outer` as a Lin.
+fn strides(s: &[Dim], axis: usize) -> (Lin, usize, usize) {
+    let outer = numel(&s[..axis]);
+    let inner: usize = s[axis + 1..]
+        .iter()
+        .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+        .product();
+    let len = if let Some(Dim::Fixed(n)) = s.get(axis) {
+        *n
+    } else {
+        1
+    };
+    (outer, inner, len)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn copy_strided(
+    b: &mut Builder,
+    node: usize,
+    x: Buf,
+    y: Buf,
+    outer: Lin,
+    inner: usize,
+    len: usize,
+    x_len: usize,
+    x_start: usize,
+    y_len: usize,
+    y_start: usize,
+) -> Result<()> {
+    let total = Lin {
+        t: outer.t * (len * inner) as u64,
+        p: 0,
+        c: outer.c * (len * inner) as u64,
+    };
+    b.launch(
+        node,
+        "copy_strided",
+        &[],
+        vec![x, y],
+        vec![
+            u(outer),
+            uc(inner),
+            uc(len),
+            uc(x_len),
+            uc(x_start),
+            uc(y_len),
+            uc(y_start),
+        ],
+        |kn| Groups::Linear {
+            n: total,
+            div: knob(kn, "WG", 1),
+            z: Lin::c(1),
+        },
+    )
+}
+
+/// Every kernel the decode and prefill plans use, as (file name, WGSL):
+/// named `template.knobvalues.wgsl` (op, dtype and knobs), each with a
+/// header saying what it is for and which graph ops use it.
+pub fn kernel_sources(
+    g: &BoundGraph,
+    caps: Caps,
+    max_binding: u64,
+) -> Result<Vec<(String, String)>> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for bucket in [Bucket::One, Bucket::Many] {
+        let p = plan(g, bucket, caps, max_binding)?;
+        for (i, k) in p.kernels.iter().enumerate() {
+            let file = format!("{}.wgsl", k.name());
+            if out.iter().any(|(f, _)| *f == file) {
+                continue;
+            }
+            let t = codegen::template(&k.template).map_err(|e| Error::Gpu(e.to_string()))?;
+            let wgsl = t
+                .build(&k.knobs, &caps)
+                .map_err(|e| Error::Gpu(e.to_string()))?;
+            let uses = p
+                .launches
+                .iter()
+                .filter(|l| matches!(l, Launch::Kernel { kernel, .. } if *kernel == i))
+                .count();
+            let header = format!(
+                "// used by the {} plan: {uses} launch(es) per step\n",
+                if bucket == Bucket::One {
+                    "decode"
+                } else {
+                    "prefill"
+                }
+            );
+            out.push((file, header + &wgsl));
+        }
+    }
+    Ok(out)
+}
+
+/// Write [`kernel_sources`] into `dir`; returns the paths.
+pub fn write_kernels(
+    g: &BoundGraph,
+    caps: Caps,
+    max_binding: u64,
+    dir: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Input(format!("cannot create {}: {e}", dir.display())))?;
+    let mut paths = Vec::new();
+    for (f, src) in kernel_sources(g, caps, max_binding)? {
+        let p = dir.join(f);
+        std::fs::write(&p, src)
+            .map_err(|e| Error::Input(format!("cannot write {}: {e}", p.display())))?;
+        paths.push(p);
+    }
+    Ok(paths)
+}
