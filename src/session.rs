@@ -49,20 +49,7 @@ pub struct Model {
 impl Model {
     /// Open `path` and bind it to `graph` (default: graphs/<general.architecture>.ron).
     pub fn load(path: &Path, graph: Option<&Path>) -> Result<Model> {
-        let gguf = Gguf::open(path)?;
-        let graph_path = match graph {
-            Some(g) => g.to_path_buf(),
-            None => {
-                let arch = gguf.architecture().ok_or_else(|| {
-                    Error::Input(format!(
-                        "{} has no general.architecture; pass --graph FILE.ron",
-                        path.display()
-                    ))
-                })?;
-                find_graph(arch)?
-            }
-        };
-        let bound = Graph::load(&graph_path)?.bind(&gguf)?;
+        let (gguf, bound) = bind_model(path, graph)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         Ok(Model {
             gguf,
@@ -70,6 +57,26 @@ impl Model {
             tokenizer,
         })
     }
+}
+
+/// Open a GGUF and bind it to its graph, without a tokenizer (enough for
+/// benchmarks, and for synthetic models that carry no vocabulary).
+pub fn bind_model(path: &Path, graph: Option<&Path>) -> Result<(Gguf, BoundGraph)> {
+    let gguf = Gguf::open(path)?;
+    let graph_path = match graph {
+        Some(g) => g.to_path_buf(),
+        None => {
+            let arch = gguf.architecture().ok_or_else(|| {
+                Error::Input(format!(
+                    "{} has no general.architecture; pass --graph FILE.ron",
+                    path.display()
+                ))
+            })?;
+            find_graph(arch)?
+        }
+    };
+    let bound = Graph::load(&graph_path)?.bind(&gguf)?;
+    Ok((gguf, bound))
 }
 
 /// Something that runs a bound graph step by step with a KV cache.

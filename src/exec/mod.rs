@@ -1,6 +1,7 @@
 //! The GPU executor: wgpu context (adapter, features, limits); later the
 //! pipeline cache, stream record/replay, KV cache and readback.
 
+pub mod bench;
 pub mod context;
 pub mod gpu;
 pub mod kernel;

@@ -1,0 +1,64 @@
+//! Measurements: the streaming-read roof of the adapter, and timing helpers
+//! for `kiln bench`.
+
+use std::time::Instant;
+
+use super::kernel::{self, Kernel};
+use super::GpuContext;
+use crate::error::{Error, Result};
+
+const ROOF_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let threads = nwg.x * 256u;
+    var acc = vec4<f32>(0.0);
+    for (var i = gid.x; i < arrayLength(&x); i += threads) {
+        acc += x[i];
+    }
+    y[gid.x] = acc.x + acc.y + acc.z + acc.w;
+}
+"#;
+
+/// Wait until the GPU has finished everything submitted.
+pub fn finish(ctx: &GpuContext) -> Result<()> {
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+    Ok(())
+}
+
+/// Streaming-read bandwidth in bytes/s: a plain kernel summing vec4<f32>
+/// over a buffer of up to 1 GiB (less if the adapter binds less); best of
+/// `reps` timed runs after one warm-up. Returns (bytes read, bytes/s).
+pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
+    let bytes = (1u64 << 30)
+        .min(ctx.limits.max_storage_buffer_binding_size)
+        .min(ctx.limits.max_buffer_size)
+        / 16
+        * 16;
+    let x = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("roof"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let groups = 4096u32;
+    let y = kernel::poisoned(ctx, "roof out", groups as usize * 256);
+    crate::codegen::validate(ROOF_WGSL, &kernel::caps(ctx)).map_err(Error::Gpu)?;
+    let k = Kernel::from_wgsl(ctx, "read_roof", ROOF_WGSL.to_string());
+    let bind = k.bind(ctx, &[&x, &y]);
+    let mut best = f64::INFINITY;
+    for i in 0..=reps {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        k.dispatch(&mut enc, &bind, [groups, 1, 1]);
+        let t = Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        finish(ctx)?;
+        if i > 0 {
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((bytes, bytes as f64 / best))
+}

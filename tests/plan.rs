@@ -1,0 +1,70 @@
+//! Plans of the real models: kernels chosen per feature set (snapshotted as
+//! generated WGSL, for review as diffs), weight splitting at the binding limit.
+
+mod common;
+
+use common::*;
+use kiln::codegen::Caps;
+use kiln::graph::Graph;
+use kiln::model::gguf::Gguf;
+use kiln::plan::{kernel_sources, plan, Bucket};
+
+/// lavapipe's limits: 128 MiB per storage binding, 32 KiB workgroup storage.
+const MAX_BINDING: u64 = 128 << 20;
+
+fn bound(file: &str, graph: &str) -> (Gguf, kiln::graph::BoundGraph) {
+    let gguf = Gguf::open(model_path(file)).unwrap();
+    let g = Graph::load(format!("{}/graphs/{graph}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let b = g.bind(&gguf).unwrap();
+    (gguf, b)
+}
+
+fn snapshot(name: &str, file: &str, graph: &str) {
+    let (_g, b) = bound(file, graph);
+    let sets = Caps::feature_sets(1024, 32 << 10);
+    for (label, caps) in [("none", sets[0]), ("all", sets[3])] {
+        let kernels = kernel_sources(&b, caps, MAX_BINDING).unwrap();
+        let mut text = String::new();
+        for (f, src) in &kernels {
+            text.push_str(&format!("==== {f}\n{src}\n"));
+        }
+        insta::assert_snapshot!(format!("{name}_{label}"), text);
+    }
+}
+
+#[test]
+fn smollm2_kernels_snapshot() {
+    snapshot("smollm2", SMOLLM2, "llama.ron");
+}
+
+#[test]
+fn gemma3_kernels_snapshot() {
+    snapshot("gemma3", GEMMA3, "gemma3.ron");
+}
+
+/// Gemma 3's Q8_0 token embedding (178 MB) is larger than lavapipe's binding
+/// limit: it is split by rows into chunks that each fit.
+#[test]
+fn large_weights_are_split_by_rows() {
+    let (gguf, b) = bound(GEMMA3, "gemma3.ron");
+    let caps = Caps::feature_sets(1024, 32 << 10)[0];
+    let p = plan(&b, Bucket::One, caps, MAX_BINDING).unwrap();
+    let (i, w) = b
+        .weights
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, w)| gguf.tensor(&w.name).unwrap().size)
+        .unwrap();
+    let size = gguf.tensor(&w.name).unwrap().size;
+    assert!(size > MAX_BINDING, "{} is {size} bytes", w.name);
+    let wp = &p.weights[i];
+    assert!(wp.chunks.len() >= 2);
+    let rows: usize = wp.chunks.iter().map(|c| c.1).sum();
+    assert_eq!(rows, w.dims[1]);
+    for &(first, n) in &wp.chunks {
+        assert!(
+            (n * wp.row_bytes) as u64 <= MAX_BINDING,
+            "chunk at row {first}"
+        );
+    }
+}
