@@ -1,0 +1,525 @@
+//! Every variant of the dequantizing kernels (matmul_vec, matmul_tiled,
+//! embed) × the four feature sets × every weight dtype × shape classes: the
+//! GPU result equals kiln's CPU dequantization (src/model/dequant.rs) plus the
+//! reference matmul, on fresh random inputs with a poisoned output buffer.
+//!
+//! Tolerance: relative L2 error ≤ 1e-4 with f32 arithmetic (F16=0 or no F16
+//! knob) and ≤ 1e-2 for variants with F16=1 (products in f16). Embedding
+//! gathers do no arithmetic beyond dequantization and must agree to 1e-6.
+//! Outputs the kernel must not write (other columns of a wider y, tokens
+//! outside the table chunk) must still hold the poison.
+//!
+//! Shape classes: one token row and several; K a multiple of the block size
+//! but not of the workgroup or tile (plain dtypes use an odd K, which also
+//! misaligns F16/BF16 rows); N not a multiple of ROWS or TN; an output chunk
+//! with n_offset > 0 and ldy > N; and the workgroup grid spread over x and y
+//! (the kernels recover the linear index from both).
+
+mod common;
+
+use common::*;
+use kiln::codegen::{self, variant_name, Knobs, Template};
+use kiln::exec::kernel::{self, caps, rel_l2, spread, Kernel};
+use kiln::exec::GpuContext;
+use kiln::model::dequant;
+use kiln::model::dtype::DType;
+use kiln::reference::ops;
+
+/// Byte offsets of the f16 scale fields (d, dmin, m) inside one block.
+fn scale_offsets(dt: DType) -> &'static [usize] {
+    match dt {
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::IQ4_NL => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
+/// `rows` rows of `k` random elements of `dt`, as raw GGUF bytes. Quantized
+/// blocks are random bytes except their f16 scale fields, which get modest
+/// finite values of either sign (as tools/gen_dequant_vectors.py does, but
+/// kept small so that sums stay in a sane range).
+fn random_weights(rng: &mut Rng, dt: DType, rows: usize, k: usize) -> Vec<u8> {
+    let n = rows * k;
+    match dt {
+        DType::F32 => (0..n).flat_map(|_| rng.f32().to_le_bytes()).collect(),
+        DType::F16 => (0..n)
+            .flat_map(|_| half::f16::from_f32(rng.f32()).to_le_bytes())
+            .collect(),
+        DType::BF16 => (0..n)
+            .flat_map(|_| half::bf16::from_f32(rng.f32()).to_le_bytes())
+            .collect(),
+        _ => {
+            let (bs, ts) = (dt.block_size(), dt.type_size());
+            assert_eq!(n % bs, 0);
+            let mut bytes: Vec<u8> = (0..n / bs * ts).map(|_| rng.next_u64() as u8).collect();
+            for block in bytes.chunks_mut(ts) {
+                for &off in scale_offsets(dt) {
+                    // |s| in [1/512, 1/16).
+                    let s = (rng.f32() + 1.0) / 2.0 * (1.0 / 16.0 - 1.0 / 512.0) + 1.0 / 512.0;
+                    let s = if rng.next_u64() & 1 == 1 { -s } else { s };
+                    block[off..off + 2].copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+                }
+            }
+            bytes
+        }
+    }
+}
+
+/// Row length used for `dt`: a multiple of its block size, not of the
+/// workgroup size or tile; odd for plain dtypes (partial 8-element piece,
+/// rows not 4-byte aligned for F16/BF16).
+fn k_for(dt: DType) -> usize {
+    match dt.block_size() {
+        1 => 99,
+        32 => 96,
+        _ => 512,
+    }
+}
+
+fn dtype(knobs: &Knobs) -> DType {
+    DType::from_name(&knobs["DTYPE"]).expect("DTYPE knob names a dtype")
+}
+
+fn knob(knobs: &Knobs, name: &str) -> u32 {
+    knobs[name].parse().expect("numeric knob")
+}
+
+/// Tolerance for a matmul variant (see the file comment).
+fn tolerance(knobs: &Knobs) -> f64 {
+    if knobs.get("F16").is_some_and(|v| v == "1") {
+        1e-2
+    } else {
+        1e-4
+    }
+}
+
+/// One matmul shape class: token rows, output rows, where the chunk's
+/// output goes, and the largest workgroup count per grid dimension.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    m: usize,
+    n: usize,
+    n_offset: usize,
+    ldy: usize,
+    spread_max: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    /// matmul_vec: spread(ceil(N / ROWS)) over x, y; z = M.
+    Vec,
+    /// matmul_tiled: spread(ceil(N / TN) * ceil(M / TM)); z = 1.
+    Tiled,
+}
+
+/// Run one matmul variant on one shape: the relative L2 error, or what
+/// went wrong.
+fn check_matmul(
+    ctx: &GpuContext,
+    family: Family,
+    k: &Kernel,
+    knobs: &Knobs,
+    rng: &mut Rng,
+    s: Shape,
+) -> Result<f64, String> {
+    let dt = dtype(knobs);
+    let kk = k_for(dt);
+    let wbytes = random_weights(rng, dt, s.n, kk);
+    let w = dequant::dequantize(dt, &wbytes, s.n * kk).expect("CPU dequant");
+    let x = rng.vec(s.m * kk);
+    let want = ops::matmul(&x, s.m, &w, kk, s.n);
+
+    let wb = kernel::storage(ctx, "w", &wbytes);
+    let xb = kernel::storage(ctx, "x", bytemuck::cast_slice(&x));
+    let ylen = s.m * s.ldy;
+    let yb = kernel::poisoned(ctx, "y", ylen);
+    let pb = kernel::uniform(
+        ctx,
+        "p",
+        &[
+            s.m as u32,
+            kk as u32,
+            s.n as u32,
+            s.n_offset as u32,
+            s.ldy as u32,
+        ],
+    );
+    let groups = match family {
+        Family::Vec => {
+            let mut g = spread((s.n as u32).div_ceil(knob(knobs, "ROWS")), s.spread_max);
+            g[2] = s.m as u32;
+            g
+        }
+        Family::Tiled => {
+            let tiles =
+                (s.n as u32).div_ceil(knob(knobs, "TN")) * (s.m as u32).div_ceil(knob(knobs, "TM"));
+            spread(tiles, s.spread_max)
+        }
+    };
+    let bind = k.bind(ctx, &[&wb, &xb, &yb, &pb]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    k.dispatch(&mut enc, &bind, groups);
+    ctx.queue.submit([enc.finish()]);
+    let y = kernel::read_f32(ctx, &yb, ylen).map_err(|e| e.to_string())?;
+
+    let mut got = Vec::with_capacity(s.m * s.n);
+    for m in 0..s.m {
+        for (j, v) in y[m * s.ldy..(m + 1) * s.ldy].iter().enumerate() {
+            if (s.n_offset..s.n_offset + s.n).contains(&j) {
+                got.push(*v);
+            } else if !v.is_nan() {
+                return Err(format!(
+                    "{s:?} K {kk}: wrote y[{m}, {j}] = {v} outside the chunk's columns"
+                ));
+            }
+        }
+    }
+    let err = rel_l2(&got, &want);
+    if err <= tolerance(knobs) {
+        Ok(err)
+    } else {
+        let bad = got
+            .iter()
+            .zip(&want)
+            .position(|(g, w)| !g.is_finite() || (g - w).abs() > 1e-3 * (1.0 + w.abs()));
+        let detail = bad
+            .map(|i| {
+                format!(
+                    "; first bad y[{}, {}]: {} vs {}",
+                    i / s.n,
+                    i % s.n,
+                    got[i],
+                    want[i]
+                )
+            })
+            .unwrap_or_default();
+        Err(format!(
+            "{s:?} K {kk}: rel L2 {err:e} > {:e}{detail}",
+            tolerance(knobs)
+        ))
+    }
+}
+
+/// Every variant of a matmul template on every feature set, dtype and shape.
+fn matmul_all_variants(name: &str, family: Family, shapes: &[Shape]) {
+    let mut rng = Rng(fresh_seed());
+    let t = codegen::template(name).unwrap();
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    // Largest error seen with f32 and with f16 products.
+    let mut worst = [0f64; 2];
+    for ctx in gpu_contexts() {
+        let variants = t.variants(&caps(&ctx)).unwrap();
+        assert!(
+            !variants.is_empty(),
+            "{name}: no variant for {:?}",
+            ctx.features
+        );
+        for knobs in variants {
+            let k = build(&ctx, &t, &knobs);
+            for &s in shapes {
+                runs += 1;
+                match check_matmul(&ctx, family, &k, &knobs, &mut rng, s) {
+                    Ok(err) => {
+                        let w = &mut worst[(tolerance(&knobs) > 1e-4) as usize];
+                        *w = w.max(err);
+                    }
+                    Err(e) => failures.push(format!(
+                        "{} on {:?}: {e}",
+                        variant_name(&t.name, &knobs),
+                        ctx.features
+                    )),
+                }
+            }
+        }
+    }
+    eprintln!(
+        "{name}: worst rel L2 {:e} with f32 products, {:e} with f16",
+        worst[0], worst[1]
+    );
+    report(name, runs, &failures);
+}
+
+fn build(ctx: &GpuContext, t: &Template, knobs: &Knobs) -> Kernel {
+    Kernel::build(ctx, t, knobs).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn report(name: &str, runs: usize, failures: &[String]) {
+    eprintln!(
+        "{name}: {runs} variant × shape runs, {} failed",
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{name}: {} of {runs} runs failed:\n{}",
+        failures.len(),
+        failures
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[test]
+fn matmul_vec_all_variants() {
+    matmul_all_variants(
+        "matmul_vec",
+        Family::Vec,
+        &[
+            // One token; the whole output.
+            Shape {
+                m: 1,
+                n: 13,
+                n_offset: 0,
+                ldy: 13,
+                spread_max: 65535,
+            },
+            // Several tokens; a chunk of a wider output; a 2-D grid.
+            Shape {
+                m: 5,
+                n: 13,
+                n_offset: 7,
+                ldy: 29,
+                spread_max: 2,
+            },
+        ],
+    );
+}
+
+#[test]
+fn matmul_tiled_all_variants() {
+    matmul_all_variants(
+        "matmul_tiled",
+        Family::Tiled,
+        &[
+            // One token: a single, mostly empty tile.
+            Shape {
+                m: 1,
+                n: 13,
+                n_offset: 0,
+                ldy: 13,
+                spread_max: 65535,
+            },
+            // Several tiles along m and n, both partial; a chunk of a wider
+            // output; a 2-D grid.
+            Shape {
+                m: 37,
+                n: 70,
+                n_offset: 5,
+                ldy: 80,
+                spread_max: 2,
+            },
+        ],
+    );
+}
+
+/// One embed shape class: tokens, the table chunk, the largest workgroup
+/// count per grid dimension.
+#[derive(Debug, Clone, Copy)]
+struct EmbedShape {
+    t: usize,
+    row_offset: usize,
+    rows: usize,
+    spread_max: u32,
+}
+
+fn check_embed(
+    ctx: &GpuContext,
+    k: &Kernel,
+    knobs: &Knobs,
+    rng: &mut Rng,
+    s: EmbedShape,
+) -> Result<(), String> {
+    let dt = dtype(knobs);
+    let d = k_for(dt);
+    let bytes = random_weights(rng, dt, s.rows, d);
+    let table = dequant::dequantize(dt, &bytes, s.rows * d).expect("CPU dequant");
+    // Random ids around the chunk, plus its first and last rows and the
+    // rows just outside it.
+    let span = (s.row_offset + s.rows + 8) as u64;
+    let mut ids: Vec<u32> = (0..s.t).map(|_| (rng.next_u64() % span) as u32).collect();
+    let edges = [
+        Some(s.row_offset),
+        Some(s.row_offset + s.rows - 1),
+        s.row_offset.checked_sub(1),
+        Some(s.row_offset + s.rows),
+    ];
+    for (id, e) in ids.iter_mut().zip(edges) {
+        if let Some(e) = e {
+            *id = e as u32;
+        }
+    }
+
+    let tb = kernel::storage(ctx, "table", &bytes);
+    let ib = kernel::storage(ctx, "ids", bytemuck::cast_slice(&ids));
+    let yb = kernel::poisoned(ctx, "y", s.t * d);
+    let pb = kernel::uniform(
+        ctx,
+        "p",
+        &[s.t as u32, d as u32, s.row_offset as u32, s.rows as u32],
+    );
+    let bind = k.bind(ctx, &[&tb, &ib, &yb, &pb]);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    k.dispatch(&mut enc, &bind, spread(s.t as u32, s.spread_max));
+    ctx.queue.submit([enc.finish()]);
+    let y = kernel::read_f32(ctx, &yb, s.t * d).map_err(|e| e.to_string())?;
+
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for (t, &id) in ids.iter().enumerate() {
+        let row = &y[t * d..(t + 1) * d];
+        let id = id as usize;
+        if (s.row_offset..s.row_offset + s.rows).contains(&id) {
+            got.extend_from_slice(row);
+            let r = id - s.row_offset;
+            want.extend_from_slice(&table[r * d..(r + 1) * d]);
+        } else if let Some(i) = row.iter().position(|v| !v.is_nan()) {
+            return Err(format!(
+                "{s:?} d {d}: token {t} (id {id}, outside the chunk) got y[{t}, {i}] = {}",
+                row[i]
+            ));
+        }
+    }
+    assert!(!got.is_empty(), "the ids always include rows in the chunk");
+    let err = rel_l2(&got, &want);
+    if err <= 1e-6 {
+        Ok(())
+    } else {
+        Err(format!("{s:?} d {d} ids {ids:?}: rel L2 {err:e}"))
+    }
+}
+
+#[test]
+fn embed_all_variants() {
+    let mut rng = Rng(fresh_seed());
+    let t = codegen::template("embed").unwrap();
+    let shapes = [
+        EmbedShape {
+            t: 9,
+            row_offset: 5,
+            rows: 11,
+            spread_max: 65535,
+        },
+        // The first chunk of a table; a 2-D grid.
+        EmbedShape {
+            t: 7,
+            row_offset: 0,
+            rows: 6,
+            spread_max: 3,
+        },
+    ];
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for ctx in gpu_contexts() {
+        let variants = t.variants(&caps(&ctx)).unwrap();
+        assert!(
+            !variants.is_empty(),
+            "embed: no variant for {:?}",
+            ctx.features
+        );
+        for knobs in variants {
+            let k = build(&ctx, &t, &knobs);
+            for &s in &shapes {
+                runs += 1;
+                if let Err(e) = check_embed(&ctx, &k, &knobs, &mut rng, s) {
+                    failures.push(format!(
+                        "{} on {:?}: {e}",
+                        variant_name(&t.name, &knobs),
+                        ctx.features
+                    ));
+                }
+            }
+        }
+    }
+    report("embed", runs, &failures);
+}
+
+/// The templates offer every dtype kiln can dequantize, and nothing else.
+#[test]
+fn templates_cover_every_supported_dtype() {
+    let mut want: Vec<String> = DType::supported().map(|d| d.to_string()).collect();
+    want.sort();
+    for name in ["matmul_vec", "matmul_tiled", "embed"] {
+        let t = codegen::template(name).unwrap();
+        let knob = t
+            .knobs
+            .iter()
+            .find(|k| k.name == "DTYPE")
+            .expect("DTYPE knob");
+        let mut have = knob.values.clone();
+        have.sort();
+        assert_eq!(have, want, "{name}");
+    }
+}
+
+/// Not a check: prints decode (matrix × vector) bandwidth and prefill
+/// throughput of the variants on the adapter (run on a real GPU with
+/// `cargo test --release --test gpu_matmul -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn print_speed() {
+    let mut rng = Rng(fresh_seed());
+    let ctx = gpu_contexts().pop().expect("all features");
+    let reps = 100u32;
+    let time = |k: &Kernel, bufs: &[&wgpu::Buffer], groups: [u32; 3]| -> f64 {
+        let bind = k.bind(&ctx, bufs);
+        let run = |n: u32| {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            for _ in 0..n {
+                k.dispatch(&mut enc, &bind, groups);
+            }
+            let t0 = std::time::Instant::now();
+            ctx.queue.submit([enc.finish()]);
+            ctx.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .unwrap();
+            t0.elapsed().as_secs_f64()
+        };
+        // Warm up (clocks ramp: the first runs of a fresh GPU are slower).
+        run(reps);
+        (run(reps + 10) - run(10)) / reps as f64
+    };
+    for (name, m, kk, n) in [
+        ("matmul_vec", 1, 4096, 32768),
+        ("matmul_tiled", 512, 2048, 2048),
+    ] {
+        let t = codegen::template(name).unwrap();
+        for dt in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"] {
+            let d = DType::from_name(dt).unwrap();
+            let wbytes = random_weights(&mut rng, d, n, kk);
+            let wb = kernel::storage(&ctx, "w", &wbytes);
+            let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(m * kk)));
+            let yb = kernel::poisoned(&ctx, "y", m * n);
+            let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, n as u32, 0, n as u32]);
+            for knobs in t.variants(&caps(&ctx)).unwrap() {
+                if knobs["DTYPE"] != dt {
+                    continue;
+                }
+                let k = build(&ctx, &t, &knobs);
+                let groups = if name == "matmul_vec" {
+                    let mut g = spread((n as u32).div_ceil(knob(&knobs, "ROWS")), 65535);
+                    g[2] = m as u32;
+                    g
+                } else {
+                    spread(
+                        (n as u32).div_ceil(knob(&knobs, "TN"))
+                            * (m as u32).div_ceil(knob(&knobs, "TM")),
+                        65535,
+                    )
+                };
+                let s = time(&k, &[&wb, &xb, &yb, &pb], groups);
+                eprintln!(
+                    "{:60} {:8.1} us {:8.1} GB/s {:8.2} TFLOP/s",
+                    variant_name(&t.name, &knobs),
+                    s * 1e6,
+                    wbytes.len() as f64 / s / 1e9,
+                    2.0 * (m * n * kk) as f64 / s / 1e12
+                );
+            }
+        }
+    }
+}
