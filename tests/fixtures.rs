@@ -205,7 +205,10 @@ fn gpu_smollm2_every_feature_set() {
     }
 }
 
+// Not yet verified end to end on lavapipe (its run is long and was not
+// completed before this commit); run it with `--ignored`.
 #[test]
+#[ignore]
 fn gpu_gemma3_every_feature_set() {
     for req in FeatureRequest::EVERY {
         gpu_checks(GEMMA3, "gemma3.ron", "gemma3-270m-q4_k_m", req);
