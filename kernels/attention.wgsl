@@ -12,9 +12,23 @@
 //! D and Dv are at most 256.
 //! Bindings: 0 q [T, H, D], 1 k_cache [n_ctx, Hkv, D], 2 v_cache [n_ctx, Hkv, Dv],
 //! 3 out [T, H, Dv], 4 Params{T, H, Hkv, D, Dv, pos0, window, scale: f32, softcap: f32}.
+//! PREP=1 (decode, T = 1, fused): q, k and v are the raw projections of
+//! the current token ([H, D], [Hkv, D], [Hkv, Dv]); each workgroup applies
+//! the per-head prep itself (QNORM / KNORM: RMSNorm over D with weights
+//! q_norm / k_norm and eps; ROPE: NORMAL or NEOX rotation of the first
+//! `dims` dimensions by pos0 · rope_scale · rope_base^(-2i/dims)), uses the
+//! fresh k and v for position pos0, and the first query head of each kv
+//! head writes them into the caches. Bindings then: 0 q, 1 k, 2 v,
+//! 3 k_cache, 4 v_cache, 5 out, 6 q_norm, 7 k_norm, 8 Params (with eps,
+//! dims, rope_base, rope_scale).
 //! knob WG: 64 128 256
 //! knob SUBGROUPS: 0 1
-//! wg_storage: (256 + 2 * WG) * 4
+//! knob PREP: 1 0
+//! knob QNORM: 0 1
+//! knob KNORM: 0 1
+//! knob ROPE: NONE NORMAL NEOX
+//! cover: QNORM KNORM ROPE
+//! wg_storage: (256 + 2 * WG + PREP * 512) * 4
 // (naga takes subgroup builtins without `enable subgroups;`: the validator's
 // SUBGROUP capability gates them. The subgroup size is never assumed.)
 struct Params {
@@ -27,13 +41,38 @@ struct Params {
     window: u32,
     scale: f32,
     softcap: f32,
+#if PREP
+    eps: f32,
+    dims: u32,
+    rope_base: f32,
+    rope_scale: f32,
+#endif
 }
 
+#if PREP
+@group(0) @binding(0) var<storage, read> q: array<f32>;
+@group(0) @binding(1) var<storage, read> k_new: array<f32>;
+@group(0) @binding(2) var<storage, read> v_new: array<f32>;
+@group(0) @binding(3) var<storage, read_write> k_cache: array<f32>;
+@group(0) @binding(4) var<storage, read_write> v_cache: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+#if QNORM
+@group(0) @binding(6) var<storage, read> q_norm: array<f32>;
+#endif
+#if KNORM
+@group(0) @binding(7) var<storage, read> k_norm: array<f32>;
+#endif
+@group(0) @binding(8) var<uniform> p: Params;
+var<workgroup> k_sh: array<f32, 256>;
+var<workgroup> v_sh: array<f32, 256>;
+#include rope_angle.wgsl
+#else
 @group(0) @binding(0) var<storage, read> q: array<f32>;
 @group(0) @binding(1) var<storage, read> k_cache: array<f32>;
 @group(0) @binding(2) var<storage, read> v_cache: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<uniform> p: Params;
+#endif
 
 // Output dimensions each invocation owns (Dv ≤ 256).
 const NACC: u32 = (256u + {{WG}}u - 1u) / {{WG}}u;
@@ -43,16 +82,7 @@ var<workgroup> q_sh: array<f32, 256>;
 var<workgroup> pw: array<f32, {{WG}}>;
 var<workgroup> red: array<f32, {{WG}}>;
 
-// tanh that never gives NaN for large |v| and is accurate near 0.
-fn tanh_k(v: f32) -> f32 {
-    let a = abs(v);
-    if a < 0.125 {
-        let v2 = v * v;
-        return v * (1.0 + v2 * (-1.0 / 3.0 + v2 * (2.0 / 15.0 + v2 * (-17.0 / 315.0))));
-    }
-    let e = exp(2.0 * min(a, 20.0));
-    return sign(v) * (1.0 - 2.0 / (e + 1.0));
-}
+#include act.wgsl
 
 // Workgroup-wide reductions; every invocation gets the result. Each starts
 // with a barrier so that a previous reduction's readers (and the previous
@@ -113,6 +143,46 @@ fn reduce_sum(v: f32, lid: u32) -> f32 {
 }
 #endif
 
+#if PREP
+#if SUBGROUPS
+fn sum_all(v: f32, lid: u32, lane: u32, sg: u32, n_sg: u32) -> f32 {
+    return reduce_sum(v, lane, sg, n_sg);
+}
+#else
+fn sum_all(v: f32, lid: u32, lane: u32, sg: u32, n_sg: u32) -> f32 {
+    return reduce_sum(v, lid);
+}
+#endif
+
+// Rotate pairs of the first `dims` of v_in-place array `which` (0: q_sh,
+// 1: k_sh) by position `pos`.
+fn rope_sh(which: u32, lid: u32, pos: f32) {
+    let half = p.dims / 2u;
+    for (var i = lid; i < half; i += {{WG}}u) {
+        let freq = p.rope_scale * pow(p.rope_base, -f32(2u * i) / f32(p.dims));
+        let sc = sincos_turns(pos, freq * INV_TWO_PI);
+#if ROPE == 'NEOX'
+        let ia = i;
+        let ib = i + half;
+#else
+        let ia = 2u * i;
+        let ib = ia + 1u;
+#endif
+        if which == 0u {
+            let x0 = q_sh[ia];
+            let x1 = q_sh[ib];
+            q_sh[ia] = x0 * sc.y - x1 * sc.x;
+            q_sh[ib] = x0 * sc.x + x1 * sc.y;
+        } else {
+            let x0 = k_sh[ia];
+            let x1 = k_sh[ib];
+            k_sh[ia] = x0 * sc.y - x1 * sc.x;
+            k_sh[ib] = x0 * sc.x + x1 * sc.y;
+        }
+    }
+}
+#endif
+
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -140,6 +210,58 @@ fn main(
         q_sh[c] = q[item * p.d + c];
     }
     workgroupBarrier();
+#if PREP
+#if SUBGROUPS
+    let lane_ = sg_lane;
+    let sgi_ = sg_id;
+    let nsg_ = n_sg;
+#else
+    let lane_ = 0u;
+    let sgi_ = 0u;
+    let nsg_ = 0u;
+#endif
+    // The current token's k and v for this kv head, prepared like q.
+    for (var c = lid; c < p.d; c += {{WG}}u) {
+        k_sh[c] = k_new[kh * p.d + c];
+    }
+    for (var c = lid; c < p.dv; c += {{WG}}u) {
+        v_sh[c] = v_new[kh * p.dv + c];
+    }
+#if QNORM
+    var ssq = 0.0;
+    for (var c = lid; c < p.d; c += {{WG}}u) {
+        ssq += q_sh[c] * q_sh[c];
+    }
+    let rq = inverseSqrt(sum_all(ssq, lid, lane_, sgi_, nsg_) / f32(p.d) + p.eps);
+    for (var c = lid; c < p.d; c += {{WG}}u) {
+        q_sh[c] = q_sh[c] * rq * q_norm[c];
+    }
+#endif
+#if KNORM
+    var ssk = 0.0;
+    for (var c = lid; c < p.d; c += {{WG}}u) {
+        ssk += k_sh[c] * k_sh[c];
+    }
+    let rk = inverseSqrt(sum_all(ssk, lid, lane_, sgi_, nsg_) / f32(p.d) + p.eps);
+    for (var c = lid; c < p.d; c += {{WG}}u) {
+        k_sh[c] = k_sh[c] * rk * k_norm[c];
+    }
+#endif
+    workgroupBarrier();
+#if ROPE != 'NONE'
+    rope_sh(0u, lid, f32(pos));
+    rope_sh(1u, lid, f32(pos));
+    workgroupBarrier();
+#endif
+    if h % (p.h / p.hkv) == 0u {
+        for (var c = lid; c < p.d; c += {{WG}}u) {
+            k_cache[pos * p.hkv * p.d + kh * p.d + c] = k_sh[c];
+        }
+        for (var c = lid; c < p.dv; c += {{WG}}u) {
+            v_cache[pos * p.hkv * p.dv + kh * p.dv + c] = v_sh[c];
+        }
+    }
+#endif
 
     let k_off = kh * p.d;
     let k_stride = p.hkv * p.d;
@@ -156,9 +278,21 @@ fn main(
         if j <= pos {
             let kb = j * k_stride + k_off;
             var qk = 0.0;
+#if PREP
+            if j == pos {
+                for (var c = 0u; c < p.d; c++) {
+                    qk += q_sh[c] * k_sh[c];
+                }
+            } else {
+                for (var c = 0u; c < p.d; c++) {
+                    qk += q_sh[c] * k_cache[kb + c];
+                }
+            }
+#else
             for (var c = 0u; c < p.d; c++) {
                 qk += q_sh[c] * k_cache[kb + c];
             }
+#endif
             s = qk * p.scale;
             if p.softcap > 0.0 {
                 s = p.softcap * tanh_k(s / p.softcap);
@@ -184,7 +318,15 @@ fn main(
                 var a = acc[c] * corr;
                 var vb = j0 * v_stride + v_off + dd;
                 for (var t = 0u; t < nk; t++) {
+#if PREP
+                    if j0 + t == pos {
+                        a += pw[t] * v_sh[dd];
+                    } else {
+                        a += pw[t] * v_cache[vb];
+                    }
+#else
                     a += pw[t] * v_cache[vb];
+#endif
                     vb += v_stride;
                 }
                 acc[c] = a;

@@ -1,58 +1,176 @@
 //! kiln template: matmul_vec
-//! Decode matmul (matrix × vector per token row), dequantizing inside:
-//! y[m*ldy + n_offset + n] = Σ_k x[m*K + k] · W[n, k] for m < M, n < N, where
-//! W is the chunk of N rows of K elements in `w` (raw GGUF bytes, DTYPE).
-//! Dispatch: spread(ceil(N / ROWS), 65535) over x and y, z = M. Linear
-//! workgroup g = wg.x + wg.y * num_workgroups.x handles rows g*ROWS ..
-//! g*ROWS + ROWS; its WG invocations stride over 8-element pieces of K and
-//! reduce (through subgroups with SUBGROUPS=1). F16=1 does the weight × x
+//! Decode matmul (matrix × vector per token row m < M), dequantizing inside,
+//! with fusion hooks. Up to three weights A, B, C (knobs DTYPE, DTYPE_B,
+//! DTYPE_C; NONE when absent) of K columns read the same input row:
+//! - PAIR=0: the N_A rows of A, then the N_B of B and the N_C of C form one
+//!   row space; workgroup g handles ROWS rows of one weight (each weight's
+//!   rows start at a multiple of ROWS). Sibling matmuls (Q, K, V) are one
+//!   dispatch this way.
+//! - PAIR=1: workgroup g handles rows g*ROWS .. g*ROWS + ROWS of both A and
+//!   B (N_A rows each), so the epilogue sees a and b for the same row: the
+//!   gated feed-forward act(x·Wg) * (x·Wu) is one dispatch.
+//! Hook FUSED defines the bindings (w_a, w_b, w_c as array<u32> of raw GGUF
+//! bytes, the uniform `p: Params`, inputs, outputs) and
+//!   prologue(m, g): with XS > 0 stage the input row in `xs` (after any
+//!     fused norms and adds; workgroup g == 0 writes fused side outputs);
+//!   x_in(i): the input element i (XS == 0);
+//!   store(seg, m, n, a, b): write row n of weight `seg` (a; PAIR: b too).
+//! The default hook is the plain matmul: y[m * ldy + n_offset + base + n]
+//! where base is the row's segment start (Q, K, V rows concatenated), and
+//! PAIR stores a * b.
+//! Dispatch: spread(Σ ceil(N_w / ROWS)) (PAIR: ceil(N_A / ROWS)) over x and y
+//! (linear group g = wg.x + wg.y * num_workgroups.x), z = M.
+//! WG invocations stride over 8-element pieces of K and reduce (through
+//! subgroups with SUBGROUPS=1, never assuming their size). F16=1 does the
 //! products in f16 (4-wide dots), accumulating in f32.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL NONE
+//! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob PAIR: 0 1
+//! knob XS: 0 1024 2048 4096 8192
 //! knob WG: 64 256
 //! knob ROWS: 1 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
-//! wg_storage: WG * ROWS * 4
+//! cover: DTYPE_B DTYPE_C PAIR XS
+//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE'))
+//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
 #endif
 // (naga takes subgroup builtins without `enable subgroups;`.)
 
 struct Params {
-    M: u32,
-    K: u32,
-    N: u32,
+    m: u32,
+    k: u32,
+    na: u32,
+    nb: u32,
+    nc: u32,
     n_offset: u32,
     ldy: u32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
+    _pad: u32,
 }
-
-@group(0) @binding(0) var<storage, read> w: array<u32>;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-
-fn load_x8(e: u32) -> Deq8 {
-    return Deq8(
-        vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]),
-        vec4<f32>(x[e + 4u], x[e + 5u], x[e + 6u], x[e + 7u]),
-    );
-}
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
-@group(0) @binding(3) var<uniform> p: Params;
-
-fn load_word(i: u32) -> u32 {
-    return w[i];
-}
-
-#include dequant.wgsl
 
 const WG: u32 = {{WG}}u;
 const ROWS: u32 = {{ROWS}}u;
-const PARTIAL: u32 = WG * ROWS;
+const NACC: u32 = 1u + {{PAIR}}u;
 
-// partial[r * WG + i]: row r's partial sum from invocation (or subgroup) i.
-var<workgroup> partial: array<f32, PARTIAL>;
+// partial[(j * ROWS + r) * WG + i]: accumulator j, row r, from invocation
+// (or subgroup) i.
+var<workgroup> partial: array<f32, WG * ROWS * NACC>;
+var<workgroup> red: array<f32, WG>;
+#if XS
+var<workgroup> xs: array<f32, {{XS}}>;
+#endif
+
+var<private> lid_: u32;
+#if SUBGROUPS
+var<private> sg_lane_: u32;
+var<private> sg_id_: u32;
+var<private> n_sg_: u32;
+#endif
+
+// Σ v over the workgroup, to every invocation (call in uniform control flow).
+fn wg_sum(v: f32) -> f32 {
+#if SUBGROUPS
+    let s = subgroupAdd(v);
+    workgroupBarrier();
+    if sg_lane_ == 0u {
+        red[sg_id_] = s;
+    }
+    workgroupBarrier();
+    var t = 0.0;
+    for (var i = 0u; i < n_sg_; i++) {
+        t += red[i];
+    }
+    return t;
+#else
+    workgroupBarrier();
+    red[lid_] = v;
+    workgroupBarrier();
+    for (var st = WG / 2u; st > 0u; st /= 2u) {
+        if lid_ < st {
+            red[lid_] += red[lid_ + st];
+        }
+        workgroupBarrier();
+    }
+    return red[0];
+#endif
+}
+
+struct X8 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+fn x1(xo: u32, e: u32) -> f32 {
+#if XS
+    return xs[e];
+#else
+    return x_in(xo + e);
+#endif
+}
+
+fn x8(xo: u32, e: u32) -> X8 {
+    return X8(
+        vec4<f32>(x1(xo, e), x1(xo, e + 1u), x1(xo, e + 2u), x1(xo, e + 3u)),
+        vec4<f32>(x1(xo, e + 4u), x1(xo, e + 5u), x1(xo, e + 6u), x1(xo, e + 7u)),
+    );
+}
+
+fn load_word_a(i: u32) -> u32 {
+    return w_a[i];
+}
+#include matvec_rows.wgsl as _a
+#if DTYPE_B != 'NONE'
+fn load_word_b(i: u32) -> u32 {
+    return w_b[i];
+}
+#include matvec_rows.wgsl as _b DTYPE=DTYPE_B
+#endif
+#if DTYPE_C != 'NONE'
+fn load_word_c(i: u32) -> u32 {
+    return w_c[i];
+}
+#include matvec_rows.wgsl as _c DTYPE=DTYPE_C
+#endif
+
+#include act.wgsl
+
+#hook FUSED
+@group(0) @binding(0) var<storage, read> w_a: array<u32>;
+#if DTYPE_B != 'NONE'
+@group(0) @binding(1) var<storage, read> w_b: array<u32>;
+#endif
+#if DTYPE_C != 'NONE'
+@group(0) @binding(2) var<storage, read> w_c: array<u32>;
+#endif
+@group(0) @binding(3) var<storage, read> x: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<uniform> p: Params;
+
+fn x_in(i: u32) -> f32 {
+    return x[i];
+}
+
+fn prologue(m: u32, g: u32) {
+#if XS
+    for (var e = lid_; e < p.k; e += WG) {
+        xs[e] = x[m * p.k + e];
+    }
+    workgroupBarrier();
+#endif
+}
+
+fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) {
+#if PAIR
+    y[m * p.ldy + p.n_offset + n] = a * b;
+#else
+    let base = select(0u, select(p.na, p.na + p.nb, seg == 2u), seg > 0u);
+    y[m * p.ldy + p.n_offset + base + n] = a;
+#endif
+}
+#endhook
 
 @compute @workgroup_size({{WG}})
 fn main(
@@ -65,84 +183,101 @@ fn main(
     @builtin(num_subgroups) n_sg: u32,
 #endif
 ) {
-    let n0 = (wg.x + wg.y * nwg.x) * ROWS;
-    if n0 >= p.N {
+    lid_ = lid;
+#if SUBGROUPS
+    sg_lane_ = sg_lane;
+    sg_id_ = sg_id;
+    n_sg_ = n_sg;
+#endif
+    let g = wg.x + wg.y * nwg.x;
+    let m = wg.z;
+    prologue(m, g);
+    let ga = (p.na + ROWS - 1u) / ROWS;
+    let gb = (p.nb + ROWS - 1u) / ROWS;
+    let gc = (p.nc + ROWS - 1u) / ROWS;
+    var seg = 0u;
+    var n0 = g * ROWS;
+    var nseg = p.na;
+#if PAIR == 0
+    if g >= ga + gb {
+        seg = 2u;
+        n0 = (g - ga - gb) * ROWS;
+        nseg = p.nc;
+    } else if g >= ga {
+        seg = 1u;
+        n0 = (g - ga) * ROWS;
+        nseg = p.nb;
+    }
+#endif
+    if n0 >= nseg {
         return;
     }
-    let m = wg.z;
-    let xo = m * p.K;
-    let rb = row_bytes(p.K);
-    // Byte offsets of this group's rows; rows past N repeat the last one
-    // (computed, never stored).
-    var rows: array<u32, ROWS>;
-    var acc: array<f32, ROWS>;
-    for (var r = 0u; r < ROWS; r++) {
-        rows[r] = min(n0 + r, p.N - 1u) * rb;
-        acc[r] = 0.0;
+    let xo = m * p.k;
+    var a: array<f32, ROWS>;
+    var b: array<f32, ROWS>;
+    if seg == 0u {
+        a = dot_rows_a(row_offsets_a(n0, nseg, p.k), xo, p.k);
+#if PAIR
+        b = dot_rows_b(row_offsets_b(n0, nseg, p.k), xo, p.k);
+#endif
     }
-    let pieces = p.K / 8u;
-    for (var i = lid; i < pieces; i += WG) {
-        let xv = load_x8(xo + i * 8u);
-        let xa = xv.a;
-        let xb = xv.b;
-#if F16
-        let ha = vec4<f16>(xa);
-        let hb = vec4<f16>(xb);
-#endif
-        for (var r = 0u; r < ROWS; r++) {
-            let v = deq8(rows[r], i * 8u);
-#if F16
-            acc[r] += f32(dot(vec4<f16>(v.a), ha)) + f32(dot(vec4<f16>(v.b), hb));
-#else
-            acc[r] += dot(v.a, xa) + dot(v.b, xb);
-#endif
-        }
+#if DTYPE_B != 'NONE' && PAIR == 0
+    if seg == 1u {
+        a = dot_rows_b(row_offsets_b(n0, nseg, p.k), xo, p.k);
     }
-#if DTYPE == 'F32' || DTYPE == 'F16' || DTYPE == 'BF16'
-    // Plain rows may end in a partial piece.
-    for (var k = pieces * 8u + lid; k < p.K; k += WG) {
-        let xv = x[xo + k];
-        for (var r = 0u; r < ROWS; r++) {
-#if F16
-            acc[r] += f32(f16(deq1(rows[r], k)) * f16(xv));
-#else
-            acc[r] += deq1(rows[r], k) * xv;
 #endif
-        }
+#if DTYPE_C != 'NONE'
+    if seg == 2u {
+        a = dot_rows_c(row_offsets_c(n0, nseg, p.k), xo, p.k);
     }
 #endif
 #if SUBGROUPS
-    // Within each subgroup, then across subgroups: neither the subgroup size
-    // nor the lane layout is assumed.
     for (var r = 0u; r < ROWS; r++) {
-        let s = subgroupAdd(acc[r]);
+        let s = subgroupAdd(a[r]);
+#if PAIR
+        let sb = subgroupAdd(b[r]);
+#endif
         if sg_lane == 0u {
             partial[r * WG + sg_id] = s;
+#if PAIR
+            partial[(ROWS + r) * WG + sg_id] = sb;
+#endif
         }
     }
     workgroupBarrier();
-    if lid < ROWS && n0 + lid < p.N {
-        var total = 0.0;
+    if lid < ROWS && n0 + lid < nseg {
+        var ta = 0.0;
+        var tb = 0.0;
         for (var s = 0u; s < n_sg; s++) {
-            total += partial[lid * WG + s];
+            ta += partial[lid * WG + s];
+#if PAIR
+            tb += partial[(ROWS + lid) * WG + s];
+#endif
         }
-        y[m * p.ldy + p.n_offset + n0 + lid] = total;
+        store(seg, m, n0 + lid, ta, tb);
     }
 #else
     for (var r = 0u; r < ROWS; r++) {
-        partial[r * WG + lid] = acc[r];
+        partial[r * WG + lid] = a[r];
+#if PAIR
+        partial[(ROWS + r) * WG + lid] = b[r];
+#endif
     }
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if lid < stride {
-            for (var r = 0u; r < ROWS; r++) {
-                partial[r * WG + lid] += partial[r * WG + lid + stride];
+            for (var j = 0u; j < ROWS * NACC; j++) {
+                partial[j * WG + lid] += partial[j * WG + lid + stride];
             }
         }
         workgroupBarrier();
     }
-    if lid < ROWS && n0 + lid < p.N {
-        y[m * p.ldy + p.n_offset + n0 + lid] = partial[lid * WG];
+    if lid < ROWS && n0 + lid < nseg {
+        var tb = 0.0;
+#if PAIR
+        tb = partial[(ROWS + lid) * WG];
+#endif
+        store(seg, m, n0 + lid, partial[lid * WG], tb);
     }
 #endif
 }

@@ -1,3 +1,4 @@
+// kiln lib needs: load_word
 // Dequantization of raw GGUF bytes, shared by matmul_vec, matmul_tiled and
 // embed. The including template defines
 //     fn load_word(i: u32) -> u32   // 32-bit word i of its raw byte binding

@@ -13,7 +13,19 @@
 //!   (EXPR is a graph expression over the knobs, see [`crate::graph::expr`];
 //!   string knobs compare as `DTYPE == 'Q4_K'`);
 //! - a line `#include FILE` splices kernels/lib/FILE (shared WGSL such as
-//!   dequantization), preprocessed with the same knobs.
+//!   dequantization), preprocessed with the same knobs;
+//!   `#include FILE as SFX KNOB=OTHER` splices it again under other names:
+//!   every name the file defines at top level (and every name listed on a
+//!   `// kiln lib needs: a b` line in it) gets the suffix SFX, and inside it
+//!   KNOB takes the value of the knob OTHER (one kernel dequantizing two
+//!   weight dtypes includes dequant.wgsl twice);
+//! - lines `#hook NAME` .. `#endhook` are a fusion hook: the plan may
+//!   replace the lines between with generated WGSL (bindings, prologue,
+//!   epilogue; see [`Template::generate_hooked`]); without it they stay;
+//! - `//! require: EXPR` keeps only the knob assignments where EXPR holds;
+//! - `//! cover: A B` marks knobs whose values are covered one at a time
+//!   (each value with the other knobs at their first) rather than
+//!   multiplied out, in [`Template::variants`]; plans always pin them.
 //!
 //! A knob value the adapter or the forced feature set cannot run is never
 //! generated ([`Template::variants`]).
@@ -84,6 +96,9 @@ pub struct Template {
     pub doc: String,
     /// Declared knobs.
     pub knobs: Vec<Knob>,
+    /// Knobs enumerated one value at a time (`//! cover:`).
+    pub cover: Vec<String>,
+    require: Option<String>,
     wg_storage: Option<String>,
     body: String,
 }
@@ -106,6 +121,57 @@ pub fn variant_name(template: &str, k: &Knobs) -> String {
         s.push_str(&format!(".{}{}", a.to_lowercase(), b));
     }
     s
+}
+
+/// Hook texts by name, spliced at `{{@NAME}}` lines.
+pub type Hooks = BTreeMap<String, String>;
+
+/// Suffix every name `text` defines at top level (`fn`, `const`, `struct`,
+/// `var`, `alias` at the start of a line) and every name on a
+/// `// kiln lib needs:` line, wherever it occurs as a whole word.
+fn rename_defs(text: &str, sfx: &str) -> String {
+    let mut names: Vec<String> = Vec::new();
+    for line in text.lines() {
+        if let Some(n) = line.strip_prefix("// kiln lib needs:") {
+            names.extend(n.split_whitespace().map(String::from));
+            continue;
+        }
+        let mut w =
+            line.split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '<' || c == '>'));
+        let kw = w.next().unwrap_or("");
+        if matches!(kw, "fn" | "const" | "struct" | "alias" | "override") || kw.starts_with("var") {
+            if let Some(name) = w.find(|x| !x.is_empty()) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(word);
+        if names.iter().any(|n| n == word) {
+            out.push_str(sfx);
+        }
+        word.clear();
+    };
+    let mut in_comment = false;
+    let mut prev = ' ';
+    for c in text.chars() {
+        if c == '\n' {
+            in_comment = false;
+        } else if c == '/' && prev == '/' {
+            in_comment = true;
+        }
+        if !in_comment && (c.is_alphanumeric() || c == '_') {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+        prev = c;
+    }
+    flush(&mut word, &mut out);
+    out
 }
 
 struct KnobEnv<'a>(&'a Knobs);
@@ -161,10 +227,21 @@ pub const SOURCES: &[(&str, &str)] = &[
 ];
 
 /// Shared WGSL that templates `#include`, from kernels/lib/.
-pub const LIBS: &[(&str, &str)] = &[(
-    "dequant.wgsl",
-    include_str!("../../kernels/lib/dequant.wgsl"),
-)];
+pub const LIBS: &[(&str, &str)] = &[
+    (
+        "dequant.wgsl",
+        include_str!("../../kernels/lib/dequant.wgsl"),
+    ),
+    (
+        "matvec_rows.wgsl",
+        include_str!("../../kernels/lib/matvec_rows.wgsl"),
+    ),
+    ("act.wgsl", include_str!("../../kernels/lib/act.wgsl")),
+    (
+        "rope_angle.wgsl",
+        include_str!("../../kernels/lib/rope_angle.wgsl"),
+    ),
+];
 
 /// All built-in templates.
 pub fn templates() -> Result<Vec<Template>, CodegenError> {
@@ -195,6 +272,8 @@ impl Template {
         let mut doc = Vec::new();
         let mut knobs = Vec::new();
         let mut wg_storage = None;
+        let mut cover = Vec::new();
+        let mut require = None;
         let mut body = String::new();
         for line in src.lines() {
             if let Some(h) = line.strip_prefix("//!") {
@@ -215,6 +294,10 @@ impl Template {
                     });
                 } else if let Some(e) = h.strip_prefix("wg_storage:") {
                     wg_storage = Some(e.trim().to_string());
+                } else if let Some(e) = h.strip_prefix("require:") {
+                    require = Some(e.trim().to_string());
+                } else if let Some(c) = h.strip_prefix("cover:") {
+                    cover.extend(c.split_whitespace().map(String::from));
                 } else {
                     doc.push(h.to_string());
                 }
@@ -224,10 +307,15 @@ impl Template {
             }
         }
         let name = name.ok_or_else(|| err("missing '//! kiln template: NAME'".into()))?;
+        if let Some(c) = cover.iter().find(|c| !knobs.iter().any(|k| &k.name == *c)) {
+            return Err(err(format!("cover names {c}, which is not a knob")));
+        }
         Ok(Template {
             name,
             doc: doc.join("\n"),
             knobs,
+            cover,
+            require,
             wg_storage,
             body,
         })
@@ -255,6 +343,13 @@ impl Template {
                 return Ok(false);
             }
         }
+        if let Some(e) = &self.require {
+            match expr::parse(e).and_then(|p| p.eval(&KnobEnv(k))) {
+                Ok(Value::Num(0.0)) => return Ok(false),
+                Ok(_) => {}
+                Err(x) => return Err(self.fail(k, format!("require \"{e}\": {}", x.msg))),
+            }
+        }
         if let Some(e) = &self.wg_storage {
             let bytes = match expr::parse(e).and_then(|p| p.eval(&KnobEnv(k))) {
                 Ok(Value::Num(n)) => n,
@@ -268,14 +363,60 @@ impl Template {
         Ok(true)
     }
 
-    /// Every knob assignment `caps` can run.
+    /// Every knob assignment `caps` can run: the product of the knobs'
+    /// values, except that `//! cover:` knobs take each of their other
+    /// values once, with every knob but SUBGROUPS and F16 at its first.
     pub fn variants(&self, caps: &Caps) -> Result<Vec<Knobs>, CodegenError> {
+        let mut out = Vec::new();
+        let first = |c: &String| {
+            self.knobs
+                .iter()
+                .find(|k| &k.name == c)
+                .map(|k| (c.clone(), k.values[0].clone()))
+        };
+        let base: Knobs = self.cover.iter().filter_map(first).collect();
+        let mut pins = vec![base.clone()];
+        for c in &self.cover {
+            let Some(knob) = self.knobs.iter().find(|k| &k.name == c) else {
+                continue;
+            };
+            for v in &knob.values[1..] {
+                // The other knobs at their first value too, except the
+                // feature knobs, so each cover value meets every feature set.
+                let mut p = base.clone();
+                for other in &self.knobs {
+                    if !matches!(other.name.as_str(), "SUBGROUPS" | "F16") {
+                        p.insert(other.name.clone(), other.values[0].clone());
+                    }
+                }
+                p.insert(c.clone(), v.clone());
+                pins.push(p);
+            }
+        }
+        for p in pins {
+            for k in self.variants_pinned(&p, caps)? {
+                if !out.contains(&k) {
+                    out.push(k);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every assignment `caps` can run with the knobs in `fixed` pinned; cover
+    /// knobs not in `fixed` take their first value.
+    pub fn variants_pinned(&self, fixed: &Knobs, caps: &Caps) -> Result<Vec<Knobs>, CodegenError> {
         let mut all = vec![Knobs::new()];
         for knob in &self.knobs {
+            let values: Vec<String> = match fixed.get(&knob.name) {
+                Some(v) => vec![v.clone()],
+                None if self.cover.contains(&knob.name) => vec![knob.values[0].clone()],
+                None => knob.values.clone(),
+            };
             all = all
                 .into_iter()
                 .flat_map(|k| {
-                    knob.values.iter().map(move |v| {
+                    values.iter().map(move |v| {
                         let mut k = k.clone();
                         k.insert(knob.name.clone(), v.clone());
                         k
@@ -292,8 +433,15 @@ impl Template {
         Ok(out)
     }
 
-    /// Instantiate with knob values: WGSL text with a header comment.
+    /// Instantiate with knob values (hooks keep their default text): WGSL
+    /// text with a header comment.
     pub fn generate(&self, k: &Knobs) -> Result<String, CodegenError> {
+        self.generate_hooked(k, &Hooks::new())
+    }
+
+    /// Instantiate with knob values and hook texts: each replaces the lines
+    /// of its `#hook NAME` block and is preprocessed with the body.
+    pub fn generate_hooked(&self, k: &Knobs, hooks: &Hooks) -> Result<String, CodegenError> {
         for knob in &self.knobs {
             if !k.contains_key(&knob.name) {
                 return Err(self.fail(k, format!("knob {} has no value", knob.name)));
@@ -308,7 +456,33 @@ impl Template {
         for d in self.doc.lines() {
             out.push_str(&format!("// {d}\n"));
         }
-        self.expand(&self.body, k, &mut out, 0)?;
+        // Replace hook blocks the plan gives text for.
+        let mut src = String::new();
+        let mut skipping = false;
+        for line in self.body.lines() {
+            let t = line.trim();
+            if let Some(h) = t.strip_prefix("#hook ") {
+                if let Some(text) = hooks.get(h.trim()) {
+                    src.push_str(text);
+                    if !text.ends_with('\n') {
+                        src.push('\n');
+                    }
+                    skipping = true;
+                }
+            } else if t.starts_with("#endhook") {
+                skipping = false;
+            } else if !skipping {
+                src.push_str(line);
+                src.push('\n');
+            }
+        }
+        if let Some(h) = hooks
+            .keys()
+            .find(|h| !self.body.contains(&format!("#hook {h}")))
+        {
+            return Err(self.fail(k, format!("the template has no hook {h}")));
+        }
+        self.expand(&src, k, &mut out, 0)?;
         Ok(out)
     }
 
@@ -342,11 +516,12 @@ impl Template {
                 stack.pop().ok_or_else(|| {
                     self.fail(k, format!("body line {}: #endif without #if", n + 1))
                 })?;
-            } else if let Some(file) = t.strip_prefix("#include ") {
+            } else if let Some(spec) = t.strip_prefix("#include ") {
                 if !kept(&stack) {
                     continue;
                 }
-                let file = file.trim();
+                let mut words = spec.split_whitespace();
+                let file = words.next().unwrap_or("");
                 let lib = LIBS.iter().find(|l| l.0 == file).ok_or_else(|| {
                     self.fail(
                         k,
@@ -359,9 +534,39 @@ impl Template {
                 if depth > 4 {
                     return Err(self.fail(k, format!("#include {file}: includes nest too deep")));
                 }
-                out.push_str(&format!("// ---- kernels/lib/{file}\n"));
-                self.expand(lib.1, k, out, depth + 1)?;
+                // `as SFX KNOB=OTHER ...`
+                let mut suffix = None;
+                let mut k2 = k.clone();
+                while let Some(w) = words.next() {
+                    if w == "as" {
+                        suffix = words.next();
+                    } else if let Some((a, b)) = w.split_once('=') {
+                        let v = k.get(b).ok_or_else(|| {
+                            self.fail(
+                                k,
+                                format!("body line {}: #include {file}: no knob {b}", n + 1),
+                            )
+                        })?;
+                        k2.insert(a.to_string(), v.clone());
+                    } else {
+                        return Err(self.fail(
+                            k,
+                            format!("body line {}: #include {file}: expected `as SFX` or KNOB=OTHER, found {w}", n + 1),
+                        ));
+                    }
+                }
+                let mut text = String::new();
+                self.expand(lib.1, &k2, &mut text, depth + 1)?;
+                if let Some(sfx) = suffix {
+                    text = rename_defs(&text, sfx);
+                }
+                out.push_str(&format!(
+                    "// ---- kernels/lib/{file}{}\n",
+                    suffix.map(|s| format!(" as {s}")).unwrap_or_default()
+                ));
+                out.push_str(&text);
                 out.push_str(&format!("// ---- end of kernels/lib/{file}\n"));
+            } else if t.starts_with("#hook ") || t.starts_with("#endhook") {
             } else if kept(&stack) {
                 let mut l = line.to_string();
                 for (a, b) in k {

@@ -1,7 +1,12 @@
 //! The GPU executor: uploads weights once, keeps the KV cache on the GPU,
-//! and runs a [`Plan`] per step. Pipelines and bind groups are made once per
-//! bucket (and again only when a prefill outgrows its buffers); a step writes
-//! the uniform parameters (T, positions) and encodes the launches.
+//! and runs a [`Plan`] per step from a record made once per bucket: the
+//! pipelines, the bind groups (each launch's uniforms live at a fixed,
+//! aligned offset of one uniform buffer) and the value buffers are created
+//! when a bucket is first used (and again only when a prefill outgrows its
+//! buffers). A step computes the uniform words into a reused scratch vector,
+//! writes them with one `write_buffer`, encodes every dispatch into as few
+//! compute passes as the plan's copies allow, submits, and reads back only
+//! the rows asked for through a persistent staging buffer.
 
 use std::collections::HashMap;
 
@@ -26,8 +31,12 @@ struct BucketState {
     capacity: usize,
     /// Value buffers by root value id (reshapes alias their input).
     values: HashMap<usize, wgpu::Buffer>,
-    /// Per launch: uniform buffer and bind group (kernels only).
-    bound: Vec<Option<(wgpu::Buffer, wgpu::BindGroup)>>,
+    /// All launches' uniform words, each launch at an aligned slot.
+    uniforms: Option<wgpu::Buffer>,
+    /// Per launch: its slot (in u32 words) and bind group (kernels only).
+    bound: Vec<Option<(usize, wgpu::BindGroup)>>,
+    /// Scratch for the uniform words of one step (reused: no allocation).
+    words: Vec<u32>,
 }
 
 /// Runs a bound graph on the GPU.
@@ -41,6 +50,8 @@ pub struct GpuBackend<'a> {
     buckets: Vec<BucketState>,
     pos: usize,
     n_ctx: usize,
+    /// Staging buffer for readback (MAP_READ), grown on demand.
+    staging: Option<(wgpu::Buffer, u64)>,
 }
 
 impl<'a> GpuBackend<'a> {
@@ -53,6 +64,25 @@ impl<'a> GpuBackend<'a> {
         n_ctx: usize,
         progress: bool,
     ) -> Result<Self> {
+        Self::with_fusion(
+            ctx,
+            graph,
+            gguf,
+            n_ctx,
+            progress,
+            &plan::FuseOptions::default(),
+        )
+    }
+
+    /// [`GpuBackend::new`] with some fusion passes turned off.
+    pub fn with_fusion(
+        ctx: &'a GpuContext,
+        graph: &'a BoundGraph,
+        gguf: &Gguf,
+        n_ctx: usize,
+        progress: bool,
+        fuse: &plan::FuseOptions,
+    ) -> Result<Self> {
         let n_ctx = n_ctx.min(graph.max_context);
         let caps = kernel::caps(ctx);
         let max_binding = ctx
@@ -60,26 +90,24 @@ impl<'a> GpuBackend<'a> {
             .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
         let plans = [
-            plan::plan(graph, Bucket::One, caps, max_binding)?,
-            plan::plan(graph, Bucket::Many, caps, max_binding)?,
+            plan::plan_with(graph, Bucket::One, caps, max_binding, fuse)?,
+            plan::plan_with(graph, Bucket::Many, caps, max_binding, fuse)?,
         ];
-        let templates = crate::codegen::templates().map_err(|e| Error::Gpu(e.to_string()))?;
         let mut buckets = Vec::new();
         for p in plans {
             let mut kernels = Vec::new();
             for k in &p.kernels {
-                let t = templates
-                    .iter()
-                    .find(|t| t.name == k.template)
-                    .ok_or_else(|| Error::Gpu(format!("no template {}", k.template)))?;
-                kernels.push(Kernel::build(ctx, t, &k.knobs)?);
+                let wgsl = k.build(&caps)?;
+                kernels.push(Kernel::from_wgsl(ctx, &k.name(), wgsl));
             }
             buckets.push(BucketState {
-                bound: vec![None; 0],
+                bound: Vec::new(),
                 plan: p,
                 kernels,
                 capacity: 0,
                 values: HashMap::new(),
+                uniforms: None,
+                words: Vec::new(),
             });
         }
         // Upload weights: raw chunks and/or f32 copies, as the plans need.
@@ -148,6 +176,7 @@ impl<'a> GpuBackend<'a> {
             buckets,
             pos: 0,
             n_ctx,
+            staging: None,
         })
     }
 
@@ -178,7 +207,14 @@ impl<'a> GpuBackend<'a> {
         st.values.clear();
         for (v, desc) in g.values.iter().enumerate() {
             let root = st.plan.value_buf[v];
-            if root != v {
+            if root != v
+                || !st
+                    .plan
+                    .value_buf
+                    .iter()
+                    .enumerate()
+                    .any(|(x, &r)| r == v && st.plan.made[x])
+            {
                 continue;
             }
             let bytes = (desc.numel(cap) * 4).max(4) as u64;
@@ -199,36 +235,94 @@ impl<'a> GpuBackend<'a> {
             st.values.insert(v, buf);
         }
         st.capacity = cap;
-        let mut bound = Vec::new();
+        // One uniform buffer; each launch's words at an aligned slot.
+        let align = (self.ctx.limits.min_uniform_buffer_offset_alignment.max(16) / 4) as usize;
+        let mut slots = Vec::new();
+        let mut total = 0usize;
         for l in &st.plan.launches {
-            bound.push(match l {
-                Launch::Kernel {
-                    kernel,
-                    binds,
-                    params,
-                    ..
-                } => {
-                    let ubuf = kernel::uniform(self.ctx, "params", &vec![0u32; params.len()]);
-                    let mut bufs: Vec<&wgpu::Buffer> = Vec::new();
-                    for bnd in binds {
-                        bufs.push(resolve(
-                            bnd,
-                            &st.values,
-                            &self.weights,
-                            &self.k_cache,
-                            &self.v_cache,
-                            &self.dummy,
-                        )?);
+            if let Launch::Kernel { params, .. } = l {
+                slots.push(Some(total));
+                total += params.len().max(4).div_ceil(align) * align;
+            } else {
+                slots.push(None);
+            }
+        }
+        let ubuf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("launch uniforms"),
+            size: (total.max(align) * 4) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        st.words = vec![0u32; total.max(align)];
+        let mut bound = Vec::new();
+        let bufs = Bufs {
+            values: &st.values,
+            weights: &self.weights,
+            k: &self.k_cache,
+            v: &self.v_cache,
+            dummy: &self.dummy,
+        };
+        for (l, slot) in st.plan.launches.iter().zip(&slots) {
+            bound.push(match (l, slot) {
+                (
+                    Launch::Kernel {
+                        kernel,
+                        binds,
+                        params,
+                        ..
+                    },
+                    Some(slot),
+                ) => {
+                    let mut entries: Vec<wgpu::BindGroupEntry> = Vec::new();
+                    for (i, bnd) in binds.iter().enumerate() {
+                        if *bnd == Buf::Unbound {
+                            continue;
+                        }
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32,
+                            resource: bufs.get(bnd)?.as_entire_binding(),
+                        });
                     }
-                    bufs.push(&ubuf);
-                    let bg = st.kernels[*kernel].bind(self.ctx, &bufs);
-                    Some((ubuf, bg))
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: binds.len() as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &ubuf,
+                            offset: (*slot * 4) as u64,
+                            size: wgpu::BufferSize::new((params.len().max(1) * 4) as u64),
+                        }),
+                    });
+                    let k = &st.kernels[*kernel];
+                    let bg = self
+                        .ctx
+                        .device
+                        .create_bind_group(&wgpu::BindGroupDescriptor {
+                            label: Some(&k.name),
+                            layout: &k.pipeline.get_bind_group_layout(0),
+                            entries: &entries,
+                        });
+                    Some((*slot, bg))
                 }
-                Launch::Copy { .. } => None,
+                _ => None,
             });
         }
         st.bound = bound;
+        st.uniforms = Some(ubuf);
         Ok(())
+    }
+}
+
+/// The buffers a plan's [`Buf`]s name.
+struct Bufs<'b> {
+    values: &'b HashMap<usize, wgpu::Buffer>,
+    weights: &'b [WeightBufs],
+    k: &'b [wgpu::Buffer],
+    v: &'b [wgpu::Buffer],
+    dummy: &'b wgpu::Buffer,
+}
+
+impl<'b> Bufs<'b> {
+    fn get(&self, b: &Buf) -> Result<&'b wgpu::Buffer> {
+        resolve(b, self.values, self.weights, self.k, self.v, self.dummy)
     }
 }
 
@@ -254,6 +348,7 @@ fn resolve<'b>(
         Buf::KCache(c) => k.get(*c).ok_or_else(missing),
         Buf::VCache(c) => v.get(*c).ok_or_else(missing),
         Buf::Dummy => Ok(dummy),
+        Buf::Unbound => Err(missing()),
     }
 }
 
@@ -281,37 +376,41 @@ impl crate::session::Backend for GpuBackend<'_> {
         self.ensure(b, t)?;
         let pos0 = self.pos;
         let ctx = self.ctx;
-        let st = &self.buckets[b];
-        let tok_buf = resolve(
-            &Buf::Value(st.plan.value_buf[g.tokens]),
-            &st.values,
-            &self.weights,
-            &self.k_cache,
-            &self.v_cache,
-            &self.dummy,
-        )?;
+        let st = &mut self.buckets[b];
+        let bufs = Bufs {
+            values: &st.values,
+            weights: &self.weights,
+            k: &self.k_cache,
+            v: &self.v_cache,
+            dummy: &self.dummy,
+        };
+        let tok_buf = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
         ctx.queue
             .write_buffer(tok_buf, 0, bytemuck::cast_slice(tokens));
+        // This step's uniform words, all launches at once.
+        for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
+            if let (Launch::Kernel { params, .. }, Some((slot, _))) = (l, bound) {
+                for (j, w) in params.iter().enumerate() {
+                    st.words[slot + j] = match w {
+                        Word::U(lin) => lin.at(t, pos0) as u32,
+                        Word::F(f) => f.to_bits(),
+                    };
+                }
+            }
+        }
+        let ubuf = st
+            .uniforms
+            .as_ref()
+            .ok_or_else(|| Error::Gpu("uniform buffer missing".into()))?;
+        ctx.queue
+            .write_buffer(ubuf, 0, bytemuck::cast_slice(&st.words));
         let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
         let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let mut pass: Option<wgpu::ComputePass<'static>> = None;
         for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             match l {
-                Launch::Kernel {
-                    kernel,
-                    params,
-                    groups,
-                    ..
-                } => {
-                    let words: Vec<u32> = params
-                        .iter()
-                        .map(|w| match w {
-                            Word::U(lin) => lin.at(t, pos0) as u32,
-                            Word::F(f) => f.to_bits(),
-                        })
-                        .collect();
-                    let Some((ubuf, bg)) = bound else { continue };
-                    ctx.queue
-                        .write_buffer(ubuf, 0, bytemuck::cast_slice(&words));
+                Launch::Kernel { kernel, groups, .. } => {
+                    let Some((_, bg)) = bound else { continue };
                     let (count, z) = match groups {
                         Groups::Linear { n, div, z } => {
                             (n.at(t, pos0).div_ceil((*div).max(1)), z.at(t, pos0))
@@ -325,7 +424,13 @@ impl crate::session::Backend for GpuBackend<'_> {
                     }
                     let mut gr = kernel::spread(count as u32, max_dim);
                     gr[2] = z as u32;
-                    st.kernels[*kernel].dispatch(&mut enc, bg, gr);
+                    let p = pass.get_or_insert_with(|| {
+                        enc.begin_compute_pass(&Default::default())
+                            .forget_lifetime()
+                    });
+                    p.set_pipeline(&st.kernels[*kernel].pipeline);
+                    p.set_bind_group(0, bg, &[]);
+                    p.dispatch_workgroups(gr[0], gr[1], gr[2]);
                 }
                 Launch::Copy {
                     src,
@@ -334,28 +439,13 @@ impl crate::session::Backend for GpuBackend<'_> {
                     dst_off,
                     size,
                 } => {
-                    let s = resolve(
-                        src,
-                        &st.values,
-                        &self.weights,
-                        &self.k_cache,
-                        &self.v_cache,
-                        &self.dummy,
-                    )?;
-                    let d = resolve(
-                        dst,
-                        &st.values,
-                        &self.weights,
-                        &self.k_cache,
-                        &self.v_cache,
-                        &self.dummy,
-                    )?;
+                    pass = None;
                     let n = size.at(t, pos0);
                     if n > 0 {
                         enc.copy_buffer_to_buffer(
-                            s,
+                            bufs.get(src)?,
                             src_off.at(t, pos0),
-                            d,
+                            bufs.get(dst)?,
                             dst_off.at(t, pos0),
                             n,
                         );
@@ -363,22 +453,33 @@ impl crate::session::Backend for GpuBackend<'_> {
                 }
             }
         }
-        ctx.queue.submit([enc.finish()]);
+        drop(pass);
         self.pos += t;
         // Read back only the rows asked for.
         let out = &g.values[g.output];
         let vocab = out.last(1);
         debug_assert!(out.kind == Kind::F32 && out.shape.first() == Some(&Dim::Tokens));
-        let obuf = resolve(
-            &Buf::Value(st.plan.value_buf[g.output]),
-            &st.values,
-            &self.weights,
-            &self.k_cache,
-            &self.v_cache,
-            &self.dummy,
-        )?;
+        let obuf = bufs.get(&Buf::Value(st.plan.value_buf[g.output]))?;
         let (first, rows) = if last_only { (t - 1, 1) } else { (0, t) };
-        let data = read_rows(ctx, obuf, (first * vocab * 4) as u64, rows * vocab)?;
+        let bytes = (rows * vocab * 4) as u64;
+        if self.staging.as_ref().is_none_or(|s| s.1 < bytes) {
+            let size = bytes.max(4);
+            self.staging = Some((
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("readback"),
+                    size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }),
+                size,
+            ));
+        }
+        let Some((staging, _)) = &self.staging else {
+            return Err(Error::Gpu("no readback buffer".into()));
+        };
+        enc.copy_buffer_to_buffer(obuf, (first * vocab * 4) as u64, staging, 0, bytes);
+        ctx.queue.submit([enc.finish()]);
+        let data = kernel::read_mapped(ctx, staging, rows * vocab)?;
         Ok(Logits { data, vocab })
     }
 
@@ -389,18 +490,4 @@ impl crate::session::Backend for GpuBackend<'_> {
     fn n_ctx(&self) -> usize {
         self.n_ctx
     }
-}
-
-fn read_rows(ctx: &GpuContext, buf: &wgpu::Buffer, offset: u64, n: usize) -> Result<Vec<f32>> {
-    let bytes = (n * 4) as u64;
-    let tmp = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("rows"),
-        size: bytes.max(4),
-        usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut enc = ctx.device.create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, offset, &tmp, 0, bytes);
-    ctx.queue.submit([enc.finish()]);
-    kernel::read_f32(ctx, &tmp, n)
 }

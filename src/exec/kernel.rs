@@ -194,6 +194,37 @@ pub fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64) -> Result<Ve
     Ok(v[..bytes as usize].to_vec())
 }
 
+/// Map a MAP_READ buffer the caller has already copied into and submitted,
+/// wait, and take its first `n` f32 (the buffer is unmapped again, so it
+/// can be reused for the next step).
+pub fn read_mapped(ctx: &GpuContext, staging: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
+    let bytes = (n * 4) as u64;
+    let (tx, rx) = std::sync::mpsc::channel();
+    staging.map_async(wgpu::MapMode::Read, ..bytes.max(4), move |r| {
+        let _ = tx.send(r);
+    });
+    ctx.device
+        .poll(wgpu::PollType::wait_indefinitely())
+        .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+    match rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Error::Gpu(format!("reading back a buffer: {e}"))),
+        Err(_) => return Err(Error::Gpu("reading back a buffer: no answer".into())),
+    }
+    let errors = ctx.take_errors();
+    if !errors.is_empty() {
+        return Err(Error::Gpu(errors.join("; ")));
+    }
+    let v = {
+        let view = staging
+            .get_mapped_range(..bytes.max(4))
+            .map_err(|e| Error::Gpu(format!("mapping a buffer: {e:?}")))?;
+        bytemuck::pod_collect_to_vec(&view[..bytes as usize])
+    };
+    staging.unmap();
+    Ok(v)
+}
+
 /// Read `n` f32 from the start of `buf`.
 pub fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
     let b = read_bytes(ctx, buf, n as u64 * 4)?;

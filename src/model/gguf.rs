@@ -246,7 +246,7 @@ impl Gguf {
         let version = r.u32("version")?;
         match version {
             2 | 3 => {}
-            1 => return err("GGUF version 1 is not supported (only 2 and 3); re-convert the model with a current llama.cpp"),
+            1 => return err("GGUF version 1 is not supported (only 2 and 3); re-convert the model with a current GGUF converter"),
             v => return err(format!("unknown GGUF version {v} (kiln reads versions 2 and 3)")),
         }
         let n_tensors = r.u64("tensor count")?;
@@ -304,7 +304,7 @@ impl Gguf {
             let ty = r.u32(&format!("tensor {name:?} type"))?;
             let dtype = DType::from_id(ty).ok_or_else(|| {
                 GgufError::Format(format!(
-                    "tensor {name:?} has unknown dtype id {ty}; kiln knows GGML types 0..=35 (is the file from a newer llama.cpp?)"
+                    "tensor {name:?} has unknown dtype id {ty}; kiln knows GGML types 0..=35 (is the file from a newer GGUF writer?)"
                 ))
             })?;
             let offset = r.u64(&format!("tensor {name:?} offset"))?;
@@ -442,7 +442,7 @@ impl Reader<'_> {
         let s = self.take(len, what)?;
         match std::str::from_utf8(s) {
             Ok(s) => Ok(s.to_string()),
-            // llama.cpp accepts any bytes; keep them readable.
+            // GGUF writers accept any bytes; keep them readable.
             Err(_) => Ok(String::from_utf8_lossy(s).into_owned()),
         }
     }

@@ -10,9 +10,14 @@
 
 use std::collections::BTreeMap;
 
-use crate::codegen::{self, Caps, Knobs, Template};
+use crate::codegen::{self, Caps, Hooks, Knobs, Template};
 use crate::error::{Error, Result};
-use crate::graph::ir::{BoundGraph, BoundOp, Dim, Kind, RopeMode, Unary};
+use crate::graph::ir::{BoundGraph, BoundOp, Dim, RopeMode, Unary};
+
+pub mod fuse;
+mod hooks;
+
+pub use fuse::{FuseOptions, Group, PASSES};
 
 /// Which kernels a plan uses: decode (T = 1) or prefill (T > 1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -105,6 +110,8 @@ pub enum Buf {
     VCache(usize),
     /// A 4-byte placeholder for an absent optional input.
     Dummy,
+    /// A binding number the kernel does not declare (skipped).
+    Unbound,
 }
 
 /// One step of a plan.
@@ -120,8 +127,8 @@ pub enum Launch {
         params: Vec<Word>,
         /// Workgroups.
         groups: Groups,
-        /// The graph node it computes.
-        node: usize,
+        /// The graph nodes it computes (several when fused).
+        nodes: Vec<usize>,
     },
     /// A buffer copy, in bytes.
     Copy {
@@ -145,12 +152,41 @@ pub struct KernelRef {
     pub template: String,
     /// Chosen knob values.
     pub knobs: Knobs,
+    /// Generated hook texts (fusion), empty for a plain variant.
+    pub hooks: Hooks,
+    /// What the hooks fuse, for names and headers (e.g. `rms_norm+qkv`).
+    pub fused: String,
 }
 
 impl KernelRef {
-    /// `template.knobvalue...`
+    /// `template.knobvalue...`, then `.fused-WHAT-HASH` for a fused variant.
     pub fn name(&self) -> String {
-        codegen::variant_name(&self.template, &self.knobs)
+        let mut n = codegen::variant_name(&self.template, &self.knobs);
+        if !self.hooks.is_empty() {
+            // FNV-1a of the hook text: two fusions of the same ops differ.
+            let mut h: u32 = 0x811c9dc5;
+            for b in self.hooks.values().flat_map(|t| t.bytes()) {
+                h = (h ^ b as u32).wrapping_mul(0x01000193);
+            }
+            n.push_str(&format!(".fused-{}-{h:08x}", self.fused));
+        }
+        n
+    }
+
+    /// Generate and validate the WGSL.
+    pub fn build(&self, caps: &Caps) -> Result<String> {
+        let t = codegen::template(&self.template).map_err(|e| Error::Gpu(e.to_string()))?;
+        let wgsl = t
+            .generate_hooked(&self.knobs, &self.hooks)
+            .map_err(|e| Error::Gpu(e.to_string()))?;
+        codegen::validate(&wgsl, caps).map_err(|m| {
+            Error::Gpu(format!(
+                "kernel {} (fusing {}): {m}",
+                self.name(),
+                self.fused
+            ))
+        })?;
+        Ok(wgsl)
     }
 }
 
@@ -181,6 +217,10 @@ pub struct Plan {
     pub value_buf: Vec<usize>,
     /// Per weight: storage.
     pub weights: Vec<WeightPlan>,
+    /// Per value: whether the plan stores it (fused-away values are not).
+    pub made: Vec<bool>,
+    /// The fused schedule the launches come from.
+    pub groups: Vec<fuse::Group>,
 }
 
 impl Plan {
@@ -198,7 +238,9 @@ impl Plan {
 /// knob the value listed last in the template (templates list values from
 /// least to most preferred). The autotuner replaces this later.
 pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
-    let variants = t.variants(caps).map_err(|e| Error::Gpu(e.to_string()))?;
+    let variants = t
+        .variants_pinned(fixed, caps)
+        .map_err(|e| Error::Gpu(e.to_string()))?;
     let score = |k: &Knobs| -> Vec<i64> {
         let mut s = Vec::new();
         for name in ["SUBGROUPS", "F16"] {
@@ -223,7 +265,7 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
         })
 }
 
-struct Builder {
+pub(crate) struct Builder {
     caps: Caps,
     templates: BTreeMap<String, Template>,
     kernels: Vec<KernelRef>,
@@ -231,7 +273,13 @@ struct Builder {
 }
 
 impl Builder {
-    fn kernel(&mut self, template: &str, fixed: &[(&str, &str)]) -> Result<(usize, Knobs)> {
+    fn kernel(
+        &mut self,
+        template: &str,
+        fixed: &[(&str, &str)],
+        hooks: Hooks,
+        fused: &str,
+    ) -> Result<(usize, Knobs)> {
         let t = self
             .templates
             .get(template)
@@ -244,6 +292,8 @@ impl Builder {
         let r = KernelRef {
             template: template.into(),
             knobs: knobs.clone(),
+            hooks,
+            fused: fused.into(),
         };
         let i = match self.kernels.iter().position(|k| *k == r) {
             Some(i) => i,
@@ -264,24 +314,49 @@ impl Builder {
         params: Vec<Word>,
         groups: impl FnOnce(&Knobs) -> Groups,
     ) -> Result<()> {
-        let (kernel, knobs) = self.kernel(template, fixed)?;
+        self.launch_fused(
+            vec![node],
+            template,
+            fixed,
+            Hooks::new(),
+            "",
+            binds,
+            params,
+            groups,
+        )
+    }
+
+    /// A launch of a template variant with generated hooks, computing `nodes`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn launch_fused(
+        &mut self,
+        nodes: Vec<usize>,
+        template: &str,
+        fixed: &[(&str, &str)],
+        hooks: Hooks,
+        fused: &str,
+        binds: Vec<Buf>,
+        params: Vec<Word>,
+        groups: impl FnOnce(&Knobs) -> Groups,
+    ) -> Result<()> {
+        let (kernel, knobs) = self.kernel(template, fixed, hooks, fused)?;
         self.launches.push(Launch::Kernel {
             kernel,
             binds,
             params,
             groups: groups(&knobs),
-            node,
+            nodes,
         });
         Ok(())
     }
 }
 
-fn knob(k: &Knobs, name: &str, default: u64) -> u64 {
+pub(crate) fn knob(k: &Knobs, name: &str, default: u64) -> u64 {
     k.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// Elements of a value as a linear function of T.
-fn numel(shape: &[Dim]) -> Lin {
+pub(crate) fn numel(shape: &[Dim]) -> Lin {
     let mut fixed = 1u64;
     let mut has_t = false;
     for d in shape {
@@ -297,17 +372,28 @@ fn numel(shape: &[Dim]) -> Lin {
     }
 }
 
-fn u(l: Lin) -> Word {
+pub(crate) fn u(l: Lin) -> Word {
     Word::U(l)
 }
 
-fn uc(c: usize) -> Word {
+pub(crate) fn uc(c: usize) -> Word {
     Word::U(Lin::c(c as u64))
 }
 
 /// Plan `g` for `bucket` on an adapter with `caps`; weights larger than
 /// `max_binding` bytes are split into row chunks.
 pub fn plan(g: &BoundGraph, bucket: Bucket, caps: Caps, max_binding: u64) -> Result<Plan> {
+    plan_with(g, bucket, caps, max_binding, &FuseOptions::default())
+}
+
+/// [`plan`] with some fusion passes turned off.
+pub fn plan_with(
+    g: &BoundGraph,
+    bucket: Bucket,
+    caps: Caps,
+    max_binding: u64,
+    opts: &FuseOptions,
+) -> Result<Plan> {
     let templates = codegen::templates()
         .map_err(|e| Error::Gpu(e.to_string()))?
         .into_iter()
@@ -358,353 +444,23 @@ pub fn plan(g: &BoundGraph, bucket: Bucket, caps: Caps, max_binding: u64) -> Res
             value_buf[n.output] = value_buf[n.inputs[0]];
         }
     }
-    let vb = |v: usize| Buf::Value(value_buf[v]);
     let tiled = bucket == Bucket::Many;
-    for (i, n) in g.nodes.iter().enumerate() {
-        let x = n.inputs.first().copied();
-        let in_shape = |j: usize| &g.values[n.inputs[j]].shape;
-        let out = vb(n.output);
-        let last = |s: &[Dim]| match s.last() {
-            Some(Dim::Fixed(d)) => *d,
-            _ => 1,
-        };
-        match &n.op {
-            BoundOp::Embed { table } => {
-                let w = &g.weights[*table];
-                weights[*table].raw = true;
-                let dt = w.dtype.to_string();
-                for (c, &(first, rows)) in weights[*table].chunks.clone().iter().enumerate() {
-                    b.launch(
-                        i,
-                        "embed",
-                        &[("DTYPE", &dt)],
-                        vec![
-                            Buf::Raw {
-                                weight: *table,
-                                chunk: c,
-                            },
-                            vb(n.inputs[0]),
-                            out,
-                        ],
-                        vec![u(Lin::t(1)), uc(w.dims[0]), uc(first), uc(rows)],
-                        |_| Groups::Linear {
-                            n: Lin::t(1),
-                            div: 1,
-                            z: Lin::c(1),
-                        },
-                    )?;
-                }
-            }
-            BoundOp::MatMul { w } => {
-                let wd = &g.weights[*w];
-                weights[*w].raw = true;
-                let (k, nn) = (wd.dims[0], wd.dims[1]);
-                let m = {
-                    let e = numel(in_shape(0));
-                    Lin {
-                        t: e.t / k as u64,
-                        p: 0,
-                        c: e.c / k as u64,
-                    }
-                };
-                let dt = wd.dtype.to_string();
-                for (c, &(first, rows)) in weights[*w].chunks.clone().iter().enumerate() {
-                    let binds = vec![
-                        Buf::Raw {
-                            weight: *w,
-                            chunk: c,
-                        },
-                        vb(n.inputs[0]),
-                        out,
-                    ];
-                    let params = vec![u(m), uc(k), uc(rows), uc(first), uc(nn)];
-                    if tiled {
-                        b.launch(i, "matmul_tiled", &[("DTYPE", &dt)], binds, params, |kn| {
-                            let tn = knob(kn, "TN", 1);
-                            Groups::Tiles {
-                                tiles_n: (rows as u64).div_ceil(tn),
-                                m,
-                                tm: knob(kn, "TM", 1),
-                            }
-                        })?;
-                    } else {
-                        b.launch(i, "matmul_vec", &[("DTYPE", &dt)], binds, params, |kn| {
-                            Groups::Linear {
-                                n: Lin::c(rows as u64),
-                                div: knob(kn, "ROWS", 1),
-                                z: m,
-                            }
-                        })?;
-                    }
-                }
-            }
-            BoundOp::RmsNorm { weight, eps } => {
-                let d = last(in_shape(0));
-                let rows = numel(in_shape(0));
-                let rows = Lin {
-                    t: rows.t / d as u64,
-                    p: 0,
-                    c: rows.c / d as u64,
-                };
-                if let Some(w) = weight {
-                    weights[*w].f32_copy = true;
-                }
-                let wbuf = weight.map_or(Buf::Dummy, Buf::F32);
-                b.launch(
-                    i,
-                    "rms_norm",
-                    &[],
-                    vec![vb(n.inputs[0]), wbuf, out],
-                    vec![
-                        uc(d),
-                        u(rows),
-                        Word::F(*eps as f32),
-                        uc(weight.is_some() as usize),
-                    ],
-                    |_| Groups::Linear {
-                        n: rows,
-                        div: 1,
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::LayerNorm { weight, bias, eps } => {
-                let d = last(in_shape(0));
-                let rows = numel(in_shape(0));
-                let rows = Lin {
-                    t: rows.t / d as u64,
-                    p: 0,
-                    c: rows.c / d as u64,
-                };
-                for w in [weight, bias].into_iter().flatten() {
-                    weights[*w].f32_copy = true;
-                }
-                let flags = weight.is_some() as usize | (bias.is_some() as usize) << 1;
-                b.launch(
-                    i,
-                    "layer_norm",
-                    &[],
-                    vec![
-                        vb(n.inputs[0]),
-                        weight.map_or(Buf::Dummy, Buf::F32),
-                        bias.map_or(Buf::Dummy, Buf::F32),
-                        out,
-                    ],
-                    vec![uc(d), u(rows), Word::F(*eps as f32), uc(flags)],
-                    |_| Groups::Linear {
-                        n: rows,
-                        div: 1,
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Rope {
-                mode,
-                base,
-                dims,
-                scale,
-            } => {
-                let (h, d) = heads(in_shape(0));
-                let neox = if *mode == RopeMode::Neox { "1" } else { "0" };
-                b.launch(
-                    i,
-                    "rope",
-                    &[("NEOX", neox)],
-                    vec![vb(n.inputs[0]), out],
-                    vec![
-                        u(Lin::t(1)),
-                        uc(h),
-                        uc(d),
-                        uc(*dims),
-                        u(Lin::pos(1)),
-                        Word::F(*base as f32),
-                        Word::F(*scale as f32),
-                    ],
-                    |_| Groups::Linear {
-                        n: Lin::t(h as u64),
-                        div: 1,
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Attention {
-                scale,
-                window,
-                softcap,
-                cache,
-            } => {
-                let c = g.caches[*cache];
-                let (h, d) = heads(in_shape(0));
-                let kw = (c.kv_heads * c.k_dim * 4) as u64;
-                let vw = (c.kv_heads * c.v_dim * 4) as u64;
-                b.launches.push(Launch::Copy {
-                    src: vb(n.inputs[1]),
-                    src_off: Lin::c(0),
-                    dst: Buf::KCache(*cache),
-                    dst_off: Lin::pos(kw),
-                    size: Lin::t(kw),
-                });
-                b.launches.push(Launch::Copy {
-                    src: vb(n.inputs[2]),
-                    src_off: Lin::c(0),
-                    dst: Buf::VCache(*cache),
-                    dst_off: Lin::pos(vw),
-                    size: Lin::t(vw),
-                });
-                b.launch(
-                    i,
-                    "attention",
-                    &[],
-                    vec![
-                        vb(n.inputs[0]),
-                        Buf::KCache(*cache),
-                        Buf::VCache(*cache),
-                        out,
-                    ],
-                    vec![
-                        u(Lin::t(1)),
-                        uc(h),
-                        uc(c.kv_heads),
-                        uc(d),
-                        uc(c.v_dim),
-                        u(Lin::pos(1)),
-                        uc(window.unwrap_or(0)),
-                        Word::F(*scale as f32),
-                        Word::F(softcap.unwrap_or(0.0) as f32),
-                    ],
-                    |_| Groups::Linear {
-                        n: Lin::t(h as u64),
-                        div: 1,
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Add | BoundOp::Mul => {
-                let op = if matches!(n.op, BoundOp::Add) {
-                    "add"
-                } else {
-                    "mul"
-                };
-                let ne = numel(in_shape(0));
-                let nb = numel(in_shape(1));
-                b.launch(
-                    i,
-                    "binary",
-                    &[("OP", op)],
-                    vec![vb(n.inputs[0]), vb(n.inputs[1]), out],
-                    vec![u(ne), u(nb)],
-                    |kn| Groups::Linear {
-                        n: ne,
-                        div: knob(kn, "WG", 1),
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Scale { .. } | BoundOp::Softcap { .. } | BoundOp::Unary(_) => {
-                let (op, alpha) = match &n.op {
-                    BoundOp::Scale { by } => ("scale", *by),
-                    BoundOp::Softcap { cap } => ("softcap", *cap),
-                    BoundOp::Unary(Unary::Silu) => ("silu", 0.0),
-                    BoundOp::Unary(Unary::Gelu) => ("gelu", 0.0),
-                    BoundOp::Unary(Unary::GeluTanh) => ("gelu_tanh", 0.0),
-                    BoundOp::Unary(Unary::Tanh) => ("tanh", 0.0),
-                    _ => ("relu", 0.0),
-                };
-                let ne = numel(in_shape(0));
-                b.launch(
-                    i,
-                    "unary",
-                    &[("OP", op)],
-                    vec![vb(n.inputs[0]), out],
-                    vec![u(ne), Word::F(alpha as f32)],
-                    |kn| Groups::Linear {
-                        n: ne,
-                        div: knob(kn, "WG", 1),
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Softmax | BoundOp::Argmax => {
-                let d = last(in_shape(0));
-                let rows = numel(in_shape(0));
-                let rows = Lin {
-                    t: rows.t / d as u64,
-                    p: 0,
-                    c: rows.c / d as u64,
-                };
-                let t = if matches!(n.op, BoundOp::Softmax) {
-                    "softmax"
-                } else {
-                    "argmax"
-                };
-                b.launch(
-                    i,
-                    t,
-                    &[],
-                    vec![vb(n.inputs[0]), out],
-                    vec![u(rows), uc(d)],
-                    |_| Groups::Linear {
-                        n: rows,
-                        div: 1,
-                        z: Lin::c(1),
-                    },
-                )?;
-            }
-            BoundOp::Reshape => {}
-            BoundOp::Slice { axis, start, len } => {
-                let (outer, inner, x_len) = strides(in_shape(0), *axis);
-                copy_strided(
-                    &mut b,
-                    i,
-                    vb(n.inputs[0]),
-                    out,
-                    outer,
-                    inner,
-                    *len,
-                    x_len,
-                    *start,
-                    *len,
-                    0,
-                )?;
-            }
-            BoundOp::Concat { axis } => {
-                let y_len = match g.values[n.output].shape[*axis] {
-                    Dim::Fixed(v) => v,
-                    Dim::Tokens => 0,
-                };
-                let mut at = 0;
-                for j in 0..n.inputs.len() {
-                    let (outer, inner, x_len) = strides(in_shape(j), *axis);
-                    copy_strided(
-                        &mut b,
-                        i,
-                        vb(n.inputs[j]),
-                        out,
-                        outer,
-                        inner,
-                        x_len,
-                        x_len,
-                        0,
-                        y_len,
-                        at,
-                    )?;
-                    at += x_len;
-                }
-            }
-            BoundOp::Weight { w } => {
-                weights[*w].f32_copy = true;
-                let bytes = (g.weights[*w].numel() * 4) as u64;
-                b.launches.push(Launch::Copy {
-                    src: Buf::F32(*w),
-                    src_off: Lin::c(0),
-                    dst: out,
-                    dst_off: Lin::c(0),
-                    size: Lin::c(bytes),
-                });
-            }
+    let groups = if bucket == Bucket::One {
+        fuse::fuse(g, opts, true)
+    } else {
+        fuse::fuse(g, &FuseOptions::none(), false)
+    };
+    let made = fuse::check(g, &groups).map_err(|m| {
+        Error::Gpu(format!(
+            "fusion made an invalid schedule ({m}); turn passes off with --no-fuse to bisect"
+        ))
+    })?;
+    for gr in &groups {
+        match gr {
+            Group::Single(i) => plan_node(&mut b, g, *i, &mut weights, &value_buf, tiled)?,
+            Group::Matvec(m) => hooks::plan_matvec(&mut b, g, m, &mut weights, &value_buf)?,
+            Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
-        let _ = x;
-        debug_assert!(g.values[n.output].kind == Kind::Ids || !matches!(n.op, BoundOp::Argmax));
     }
     Ok(Plan {
         bucket,
@@ -712,10 +468,390 @@ pub fn plan(g: &BoundGraph, bucket: Bucket, caps: Caps, max_binding: u64) -> Res
         launches: b.launches,
         value_buf,
         weights,
+        made,
+        groups,
     })
 }
 
-fn heads(s: &[Dim]) -> (usize, usize) {
+/// Plan one graph node on its own (unfused).
+fn plan_node(
+    b: &mut Builder,
+    g: &BoundGraph,
+    i: usize,
+    weights: &mut [WeightPlan],
+    value_buf: &[usize],
+    tiled: bool,
+) -> Result<()> {
+    let vb = |v: usize| Buf::Value(value_buf[v]);
+    let n = &g.nodes[i];
+    let in_shape = |j: usize| &g.values[n.inputs[j]].shape;
+    let out = vb(n.output);
+    let last = |s: &[Dim]| match s.last() {
+        Some(Dim::Fixed(d)) => *d,
+        _ => 1,
+    };
+    match &n.op {
+        BoundOp::Embed { table } => {
+            let w = &g.weights[*table];
+            weights[*table].raw = true;
+            let dt = w.dtype.to_string();
+            for (c, &(first, rows)) in weights[*table].chunks.clone().iter().enumerate() {
+                b.launch(
+                    i,
+                    "embed",
+                    &[("DTYPE", &dt)],
+                    vec![
+                        Buf::Raw {
+                            weight: *table,
+                            chunk: c,
+                        },
+                        vb(n.inputs[0]),
+                        out,
+                    ],
+                    vec![u(Lin::t(1)), uc(w.dims[0]), uc(first), uc(rows)],
+                    |_| Groups::Linear {
+                        n: Lin::t(1),
+                        div: 1,
+                        z: Lin::c(1),
+                    },
+                )?;
+            }
+        }
+        BoundOp::MatMul { w } => {
+            let wd = &g.weights[*w];
+            weights[*w].raw = true;
+            let (k, nn) = (wd.dims[0], wd.dims[1]);
+            let m = {
+                let e = numel(in_shape(0));
+                Lin {
+                    t: e.t / k as u64,
+                    p: 0,
+                    c: e.c / k as u64,
+                }
+            };
+            let dt = wd.dtype.to_string();
+            for (c, &(first, rows)) in weights[*w].chunks.clone().iter().enumerate() {
+                let binds = vec![
+                    Buf::Raw {
+                        weight: *w,
+                        chunk: c,
+                    },
+                    vb(n.inputs[0]),
+                    out,
+                ];
+                let params = vec![u(m), uc(k), uc(rows), uc(first), uc(nn)];
+                if tiled {
+                    b.launch(i, "matmul_tiled", &[("DTYPE", &dt)], binds, params, |kn| {
+                        let tn = knob(kn, "TN", 1);
+                        Groups::Tiles {
+                            tiles_n: (rows as u64).div_ceil(tn),
+                            m,
+                            tm: knob(kn, "TM", 1),
+                        }
+                    })?;
+                } else {
+                    // matmul_vec's default hook: w_a, (w_b, w_c), x, y, params.
+                    let binds = vec![binds[0], Buf::Unbound, Buf::Unbound, binds[1], binds[2]];
+                    let params = vec![
+                        u(m),
+                        uc(k),
+                        uc(rows),
+                        uc(0),
+                        uc(0),
+                        uc(first),
+                        uc(nn),
+                        uc(0),
+                    ];
+                    b.launch(
+                        i,
+                        "matmul_vec",
+                        &[
+                            ("DTYPE", &dt),
+                            ("DTYPE_B", "NONE"),
+                            ("DTYPE_C", "NONE"),
+                            ("PAIR", "0"),
+                            ("XS", "0"),
+                        ],
+                        binds,
+                        params,
+                        |kn| Groups::Linear {
+                            n: Lin::c(rows as u64),
+                            div: knob(kn, "ROWS", 1),
+                            z: m,
+                        },
+                    )?;
+                }
+            }
+        }
+        BoundOp::RmsNorm { weight, eps } => {
+            let d = last(in_shape(0));
+            let rows = numel(in_shape(0));
+            let rows = Lin {
+                t: rows.t / d as u64,
+                p: 0,
+                c: rows.c / d as u64,
+            };
+            if let Some(w) = weight {
+                weights[*w].f32_copy = true;
+            }
+            let wbuf = weight.map_or(Buf::Dummy, Buf::F32);
+            b.launch(
+                i,
+                "rms_norm",
+                &[],
+                vec![vb(n.inputs[0]), wbuf, out],
+                vec![
+                    uc(d),
+                    u(rows),
+                    Word::F(*eps as f32),
+                    uc(weight.is_some() as usize),
+                ],
+                |_| Groups::Linear {
+                    n: rows,
+                    div: 1,
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::LayerNorm { weight, bias, eps } => {
+            let d = last(in_shape(0));
+            let rows = numel(in_shape(0));
+            let rows = Lin {
+                t: rows.t / d as u64,
+                p: 0,
+                c: rows.c / d as u64,
+            };
+            for w in [weight, bias].into_iter().flatten() {
+                weights[*w].f32_copy = true;
+            }
+            let flags = weight.is_some() as usize | (bias.is_some() as usize) << 1;
+            b.launch(
+                i,
+                "layer_norm",
+                &[],
+                vec![
+                    vb(n.inputs[0]),
+                    weight.map_or(Buf::Dummy, Buf::F32),
+                    bias.map_or(Buf::Dummy, Buf::F32),
+                    out,
+                ],
+                vec![uc(d), u(rows), Word::F(*eps as f32), uc(flags)],
+                |_| Groups::Linear {
+                    n: rows,
+                    div: 1,
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Rope {
+            mode,
+            base,
+            dims,
+            scale,
+        } => {
+            let (h, d) = heads(in_shape(0));
+            let neox = if *mode == RopeMode::Neox { "1" } else { "0" };
+            b.launch(
+                i,
+                "rope",
+                &[("NEOX", neox)],
+                vec![vb(n.inputs[0]), out],
+                vec![
+                    u(Lin::t(1)),
+                    uc(h),
+                    uc(d),
+                    uc(*dims),
+                    u(Lin::pos(1)),
+                    Word::F(*base as f32),
+                    Word::F(*scale as f32),
+                ],
+                |_| Groups::Linear {
+                    n: Lin::t(h as u64),
+                    div: 1,
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Attention {
+            scale,
+            window,
+            softcap,
+            cache,
+        } => {
+            let c = g.caches[*cache];
+            let (h, d) = heads(in_shape(0));
+            let kw = (c.kv_heads * c.k_dim * 4) as u64;
+            let vw = (c.kv_heads * c.v_dim * 4) as u64;
+            b.launches.push(Launch::Copy {
+                src: vb(n.inputs[1]),
+                src_off: Lin::c(0),
+                dst: Buf::KCache(*cache),
+                dst_off: Lin::pos(kw),
+                size: Lin::t(kw),
+            });
+            b.launches.push(Launch::Copy {
+                src: vb(n.inputs[2]),
+                src_off: Lin::c(0),
+                dst: Buf::VCache(*cache),
+                dst_off: Lin::pos(vw),
+                size: Lin::t(vw),
+            });
+            b.launch(
+                i,
+                "attention",
+                &[("PREP", "0")],
+                vec![
+                    vb(n.inputs[0]),
+                    Buf::KCache(*cache),
+                    Buf::VCache(*cache),
+                    out,
+                ],
+                vec![
+                    u(Lin::t(1)),
+                    uc(h),
+                    uc(c.kv_heads),
+                    uc(d),
+                    uc(c.v_dim),
+                    u(Lin::pos(1)),
+                    uc(window.unwrap_or(0)),
+                    Word::F(*scale as f32),
+                    Word::F(softcap.unwrap_or(0.0) as f32),
+                ],
+                |_| Groups::Linear {
+                    n: Lin::t(h as u64),
+                    div: 1,
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Add | BoundOp::Mul => {
+            let op = if matches!(n.op, BoundOp::Add) {
+                "add"
+            } else {
+                "mul"
+            };
+            let ne = numel(in_shape(0));
+            let nb = numel(in_shape(1));
+            b.launch(
+                i,
+                "binary",
+                &[("OP", op)],
+                vec![vb(n.inputs[0]), vb(n.inputs[1]), out],
+                vec![u(ne), u(nb)],
+                |kn| Groups::Linear {
+                    n: ne,
+                    div: knob(kn, "WG", 1),
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Scale { .. } | BoundOp::Softcap { .. } | BoundOp::Unary(_) => {
+            let (op, alpha) = match &n.op {
+                BoundOp::Scale { by } => ("scale", *by),
+                BoundOp::Softcap { cap } => ("softcap", *cap),
+                BoundOp::Unary(Unary::Silu) => ("silu", 0.0),
+                BoundOp::Unary(Unary::Gelu) => ("gelu", 0.0),
+                BoundOp::Unary(Unary::GeluTanh) => ("gelu_tanh", 0.0),
+                BoundOp::Unary(Unary::Tanh) => ("tanh", 0.0),
+                _ => ("relu", 0.0),
+            };
+            let ne = numel(in_shape(0));
+            b.launch(
+                i,
+                "unary",
+                &[("OP", op)],
+                vec![vb(n.inputs[0]), out],
+                vec![u(ne), Word::F(alpha as f32)],
+                |kn| Groups::Linear {
+                    n: ne,
+                    div: knob(kn, "WG", 1),
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Softmax | BoundOp::Argmax => {
+            let d = last(in_shape(0));
+            let rows = numel(in_shape(0));
+            let rows = Lin {
+                t: rows.t / d as u64,
+                p: 0,
+                c: rows.c / d as u64,
+            };
+            let t = if matches!(n.op, BoundOp::Softmax) {
+                "softmax"
+            } else {
+                "argmax"
+            };
+            b.launch(
+                i,
+                t,
+                &[],
+                vec![vb(n.inputs[0]), out],
+                vec![u(rows), uc(d)],
+                |_| Groups::Linear {
+                    n: rows,
+                    div: 1,
+                    z: Lin::c(1),
+                },
+            )?;
+        }
+        BoundOp::Reshape => {}
+        BoundOp::Slice { axis, start, len } => {
+            let (outer, inner, x_len) = strides(in_shape(0), *axis);
+            copy_strided(
+                b,
+                i,
+                vb(n.inputs[0]),
+                out,
+                outer,
+                inner,
+                *len,
+                x_len,
+                *start,
+                *len,
+                0,
+            )?;
+        }
+        BoundOp::Concat { axis } => {
+            let y_len = match g.values[n.output].shape[*axis] {
+                Dim::Fixed(v) => v,
+                Dim::Tokens => 0,
+            };
+            let mut at = 0;
+            for j in 0..n.inputs.len() {
+                let (outer, inner, x_len) = strides(in_shape(j), *axis);
+                copy_strided(
+                    b,
+                    i,
+                    vb(n.inputs[j]),
+                    out,
+                    outer,
+                    inner,
+                    x_len,
+                    x_len,
+                    0,
+                    y_len,
+                    at,
+                )?;
+                at += x_len;
+            }
+        }
+        BoundOp::Weight { w } => {
+            weights[*w].f32_copy = true;
+            let bytes = (g.weights[*w].numel() * 4) as u64;
+            b.launches.push(Launch::Copy {
+                src: Buf::F32(*w),
+                src_off: Lin::c(0),
+                dst: out,
+                dst_off: Lin::c(0),
+                size: Lin::c(bytes),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn heads(s: &[Dim]) -> (usize, usize) {
     match s {
         [_, Dim::Fixed(h), Dim::Fixed(d)] => (*h, *d),
         _ => (1, 1),

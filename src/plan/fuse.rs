@@ -1,0 +1,583 @@
+//! Fusion passes: a bound graph's nodes become a schedule of [`Group`]s,
+//! each one dispatch (or one per weight chunk). The passes work on graph
+//! patterns, never on names (DESIGN rules 1 and 5), and each can be turned
+//! off by name to bisect a wrong result (`--no-fuse NAME`):
+//!
+//! - `siblings`: matmuls that read the same input become one dispatch
+//!   (Q, K and V; gate and up), each weight with its own dtype;
+//! - `gated`: `act(x·Wa) * (x·Wb)` of two siblings is computed in the
+//!   dispatch's epilogue (SwiGLU, GEGLU), so neither product is stored;
+//! - `epilogue`: elementwise ops that alone consume a matmul's output
+//!   (residual add, bias, scale, activation, softcap) run on its store;
+//! - `prologue`: the row-local ops a matmul's input comes from (RMSNorm,
+//!   adds, scales, activations, back to the last matmul or embedding) run
+//!   on its load; values others still need are written by one workgroup;
+//! - `attention`: in decode, the per-head norm and rotary embedding of q and
+//!   k and the KV-cache write run inside the attention dispatch.
+//!
+//! Fused decode kernels are matrix × vector kernels; prefill plans use the
+//! same passes except `attention` (see [`fuse`]).
+
+use std::collections::BTreeSet;
+
+use crate::graph::ir::{BoundGraph, BoundOp, Dim, ValueId};
+
+/// The fusion passes, in the order they run.
+pub const PASSES: [&str; 5] = ["siblings", "gated", "epilogue", "prologue", "attention"];
+
+/// One dispatch of a fused schedule (before weight chunking).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Group {
+    /// A node planned on its own.
+    Single(usize),
+    /// Matrix × vector with fused neighbours.
+    Matvec(Matvec),
+    /// Decode attention with the q/k prep and the KV-cache write inside.
+    Attention(AttnPrep),
+}
+
+/// A fused matrix × vector group.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Matvec {
+    /// MatMul nodes (1 to 3) reading the same input: weights A, B, C.
+    pub mats: Vec<usize>,
+    /// Gated pair: the optional activation node on A's output and the Mul
+    /// of it with B's output.
+    pub pair: Option<(Option<usize>, usize)>,
+    /// Row-local nodes computing the input, in evaluation order, each with
+    /// the index of its operand that carries the running row.
+    pub prologue: Vec<(usize, usize)>,
+    /// Elementwise nodes applied to the (single) output, in order, each with
+    /// the operand index that carries the running value.
+    pub epilogue: Vec<(usize, usize)>,
+}
+
+/// A fused decode attention: the attention node and the nodes between it
+/// and the q, k, v projections (reshapes, per-head norms, rope).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttnPrep {
+    /// The Attention node.
+    pub attn: usize,
+    /// Values read: the raw q, k, v rows.
+    pub src: [ValueId; 3],
+    /// Per-head RMSNorm nodes on q and k (if any).
+    pub norm: [Option<usize>; 2],
+    /// Rope nodes on q and k (if any; both or neither).
+    pub rope: [Option<usize>; 2],
+    /// Every absorbed node (reshapes too).
+    pub absorbed: Vec<usize>,
+}
+
+impl Group {
+    /// Every graph node this group computes, in graph order.
+    pub fn nodes(&self) -> Vec<usize> {
+        let mut v = match self {
+            Group::Single(n) => vec![*n],
+            Group::Matvec(m) => {
+                let mut v = m.mats.clone();
+                if let Some((a, mul)) = m.pair {
+                    v.extend(a);
+                    v.push(mul);
+                }
+                v.extend(m.prologue.iter().map(|p| p.0));
+                v.extend(m.epilogue.iter().map(|p| p.0));
+                v
+            }
+            Group::Attention(a) => {
+                let mut v = a.absorbed.clone();
+                v.push(a.attn);
+                v
+            }
+        };
+        v.sort_unstable();
+        v
+    }
+
+    /// The node whose place in graph order the group takes.
+    pub fn anchor(&self) -> usize {
+        match self {
+            Group::Single(n) => *n,
+            Group::Matvec(m) => m.mats[0],
+            Group::Attention(a) => a.attn,
+        }
+    }
+}
+
+/// Which passes run and for which step shape.
+#[derive(Debug, Clone, Default)]
+pub struct FuseOptions {
+    /// Pass names turned off.
+    pub disabled: Vec<String>,
+}
+
+impl FuseOptions {
+    /// Whether `pass` runs.
+    pub fn on(&self, pass: &str) -> bool {
+        !self.disabled.iter().any(|d| d == pass)
+    }
+
+    /// All passes off.
+    pub fn none() -> FuseOptions {
+        FuseOptions {
+            disabled: PASSES.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// Whether a node is an elementwise op on one row (epilogue/prologue-able).
+fn elementwise(op: &BoundOp) -> bool {
+    matches!(
+        op,
+        BoundOp::Add
+            | BoundOp::Mul
+            | BoundOp::Scale { .. }
+            | BoundOp::Unary(_)
+            | BoundOp::Softcap { .. }
+    )
+}
+
+fn last_dim(g: &BoundGraph, v: ValueId) -> usize {
+    match g.values[v].shape.last() {
+        Some(Dim::Fixed(n)) => *n,
+        _ => 0,
+    }
+}
+
+/// Elements per token of a value (its shape without the token dim).
+fn per_token(g: &BoundGraph, v: ValueId) -> usize {
+    g.values[v]
+        .shape
+        .iter()
+        .map(|d| if let Dim::Fixed(n) = d { *n } else { 1 })
+        .product()
+}
+
+fn has_tokens(g: &BoundGraph, v: ValueId) -> bool {
+    g.values[v].shape.first() == Some(&Dim::Tokens)
+}
+
+struct Ctx<'a> {
+    g: &'a BoundGraph,
+    /// consumers[v]: nodes reading v (usize::MAX for the graph output).
+    consumers: Vec<Vec<usize>>,
+    producer: Vec<Option<usize>>,
+    taken: Vec<bool>,
+}
+
+impl Ctx<'_> {
+    fn only_consumer(&self, v: ValueId) -> Option<usize> {
+        match self.consumers[v].as_slice() {
+            [c] if *c != usize::MAX => Some(*c),
+            _ => None,
+        }
+    }
+}
+
+/// Group `g`'s nodes into a schedule. `decode` enables the passes that
+/// assume one token per step (`attention`).
+pub fn fuse(g: &BoundGraph, opts: &FuseOptions, decode: bool) -> Vec<Group> {
+    let mut consumers = vec![Vec::new(); g.values.len()];
+    let mut producer = vec![None; g.values.len()];
+    for (i, n) in g.nodes.iter().enumerate() {
+        for &v in &n.inputs {
+            consumers[v].push(i);
+        }
+        producer[n.output] = Some(i);
+    }
+    consumers[g.output].push(usize::MAX);
+    let mut cx = Ctx {
+        g,
+        consumers,
+        producer,
+        taken: vec![false; g.nodes.len()],
+    };
+    let mut groups: Vec<Group> = Vec::new();
+
+    // Matvec groups (siblings merged).
+    for (i, n) in g.nodes.iter().enumerate() {
+        if cx.taken[i] || !matches!(n.op, BoundOp::MatMul { .. }) {
+            continue;
+        }
+        let mut mats = vec![i];
+        cx.taken[i] = true;
+        if opts.on("siblings") {
+            let k = weight_k(g, i);
+            for &c in &cx.consumers[n.inputs[0]].clone() {
+                if mats.len() < 3
+                    && c != usize::MAX
+                    && !cx.taken[c]
+                    && matches!(g.nodes[c].op, BoundOp::MatMul { .. })
+                    && weight_k(g, c) == k
+                {
+                    mats.push(c);
+                    cx.taken[c] = true;
+                }
+            }
+        }
+        groups.push(Group::Matvec(Matvec {
+            mats,
+            ..Default::default()
+        }));
+    }
+    if opts.on("gated") {
+        for gr in &mut groups {
+            if let Group::Matvec(m) = gr {
+                gated(&mut cx, m);
+            }
+        }
+    }
+    if opts.on("epilogue") {
+        for gr in &mut groups {
+            if let Group::Matvec(m) = gr {
+                epilogue(&mut cx, m);
+            }
+        }
+    }
+    if decode && opts.on("attention") {
+        for (i, n) in g.nodes.iter().enumerate() {
+            if !cx.taken[i] && matches!(n.op, BoundOp::Attention { .. }) {
+                if let Some(a) = attention(&mut cx, i) {
+                    groups.push(Group::Attention(a));
+                }
+            }
+        }
+    }
+    if opts.on("prologue") {
+        groups.sort_by_key(|gr| gr.anchor());
+        for gr in &mut groups {
+            if let Group::Matvec(m) = gr {
+                prologue(&mut cx, m);
+            }
+        }
+    }
+    for i in 0..g.nodes.len() {
+        if !cx.taken[i] {
+            groups.push(Group::Single(i));
+        }
+    }
+    groups.sort_by_key(|gr| gr.anchor());
+    groups
+}
+
+fn weight_k(g: &BoundGraph, node: usize) -> usize {
+    match g.nodes[node].op {
+        BoundOp::MatMul { w } => g.weights[w].dims[0],
+        _ => 0,
+    }
+}
+
+fn weight_n(g: &BoundGraph, node: usize) -> usize {
+    match g.nodes[node].op {
+        BoundOp::MatMul { w } => g.weights[w].dims[1..].iter().product(),
+        _ => 0,
+    }
+}
+
+/// `Mul(act(a), b)` (or `Mul(a, b)`) of the outputs of a two-matmul group.
+fn gated(cx: &mut Ctx, m: &mut Matvec) {
+    let g = cx.g;
+    if m.mats.len() != 2 || weight_n(g, m.mats[0]) != weight_n(g, m.mats[1]) {
+        return;
+    }
+    for swap in [false, true] {
+        let (a, b) = if swap {
+            (m.mats[1], m.mats[0])
+        } else {
+            (m.mats[0], m.mats[1])
+        };
+        let (ao, bo) = (g.nodes[a].output, g.nodes[b].output);
+        let Some(c) = cx.only_consumer(ao) else {
+            continue;
+        };
+        if cx.taken[c] {
+            continue;
+        }
+        let (act, av) = if matches!(g.nodes[c].op, BoundOp::Unary(_)) {
+            (Some(c), g.nodes[c].output)
+        } else {
+            (None, ao)
+        };
+        let Some(mul) = cx.only_consumer(av) else {
+            continue;
+        };
+        let mn = &g.nodes[mul];
+        if cx.taken[mul]
+            || !matches!(mn.op, BoundOp::Mul)
+            || cx.only_consumer(bo) != Some(mul)
+            || !(mn.inputs == [av, bo] || mn.inputs == [bo, av])
+        {
+            continue;
+        }
+        m.mats = vec![a, b];
+        m.pair = Some((act, mul));
+        cx.taken[mul] = true;
+        if let Some(c) = act {
+            cx.taken[c] = true;
+        }
+        return;
+    }
+}
+
+/// The group's single output value (after pair and epilogue so far).
+fn group_output(g: &BoundGraph, m: &Matvec) -> Option<ValueId> {
+    if let Some(&(e, _)) = m.epilogue.last() {
+        return Some(g.nodes[e].output);
+    }
+    if let Some((_, mul)) = m.pair {
+        return Some(g.nodes[mul].output);
+    }
+    (m.mats.len() == 1).then(|| g.nodes[m.mats[0]].output)
+}
+
+fn epilogue(cx: &mut Ctx, m: &mut Matvec) {
+    let g = cx.g;
+    let anchor = m.mats[0];
+    while let Some(out) = group_output(g, m) {
+        let Some(c) = cx.only_consumer(out) else {
+            return;
+        };
+        let n = &g.nodes[c];
+        if cx.taken[c] || !elementwise(&n.op) {
+            return;
+        }
+        let carry = n.inputs.iter().position(|&v| v == out).unwrap_or(0);
+        if n.inputs.iter().filter(|&&v| v == out).count() != 1 {
+            return;
+        }
+        // The other operand: computed before the group, the output's shape
+        // or a broadcast row.
+        if let Some(&o) = n.inputs.iter().find(|&&v| v != out) {
+            let ok_shape = g.values[o].shape == g.values[out].shape
+                || (!has_tokens(g, o) && per_token(g, o) == last_dim(g, out));
+            if !ok_shape || cx.producer[o].is_some_and(|p| p > anchor) {
+                return;
+            }
+        }
+        m.epilogue.push((c, carry));
+        cx.taken[c] = true;
+    }
+}
+
+fn prologue(cx: &mut Ctx, m: &mut Matvec) {
+    let g = cx.g;
+    let anchor = m.mats[0];
+    let k = weight_k(g, anchor);
+    let mut chain: Vec<(usize, usize)> = Vec::new();
+    let mut v = g.nodes[anchor].inputs[0];
+    let mut inside: BTreeSet<usize> = m.mats.iter().copied().collect();
+    while let Some(p) = cx.producer[v] {
+        let n = &g.nodes[p];
+        let row_ok = has_tokens(g, v) && per_token(g, v) == k && last_dim(g, v) == k;
+        let op_ok = elementwise(&n.op) || matches!(n.op, BoundOp::RmsNorm { .. });
+        if cx.taken[p] || !row_ok || !op_ok {
+            break;
+        }
+        // Everything else that reads v comes after the group (v is then a
+        // side output) or is inside it.
+        if cx.consumers[v]
+            .iter()
+            .any(|&c| c != usize::MAX && !inside.contains(&c) && c <= anchor)
+        {
+            break;
+        }
+        // The running row continues through an operand made by a fusible,
+        // untaken row op; other operands are read as they are.
+        let carry = (0..n.inputs.len())
+            .find(|&j| {
+                let u = n.inputs[j];
+                cx.producer[u].is_some_and(|q| {
+                    !cx.taken[q]
+                        && (elementwise(&g.nodes[q].op)
+                            || matches!(g.nodes[q].op, BoundOp::RmsNorm { .. }))
+                        && per_token(g, u) == k
+                        && has_tokens(g, u)
+                })
+            })
+            .unwrap_or(0);
+        let carried = n.inputs[carry];
+        let others_ok = n.inputs.iter().enumerate().all(|(j, &u)| {
+            j == carry
+                || (g.values[u].shape == g.values[v].shape
+                    || (!has_tokens(g, u) && per_token(g, u) == k))
+        });
+        if !others_ok || !has_tokens(g, carried) || per_token(g, carried) != k {
+            break;
+        }
+        chain.push((p, carry));
+        cx.taken[p] = true;
+        inside.insert(p);
+        v = carried;
+    }
+    chain.reverse();
+    m.prologue = chain;
+}
+
+/// (source row, per-head norm node, rope node, absorbed nodes).
+type AttnInput = (ValueId, Option<usize>, Option<usize>, Vec<usize>);
+
+/// Walk back from an attention input through rope, a per-head RMSNorm and
+/// a reshape to the projection's row.
+fn attn_input(
+    cx: &Ctx,
+    v: ValueId,
+    allow_prep: bool,
+) -> Option<AttnInput> {
+    let g = cx.g;
+    let mut absorbed = Vec::new();
+    let mut v = v;
+    let mut rope = None;
+    let mut norm = None;
+    let single = |v: ValueId, c: usize| cx.consumers[v] == [c];
+    let take =
+        |v: &mut ValueId, want: &dyn Fn(&BoundOp) -> bool, next: &mut usize| -> Option<usize> {
+            let p = cx.producer[*v]?;
+            if cx.taken[p] || !want(&g.nodes[p].op) || !single(*v, *next) {
+                return None;
+            }
+            *next = p;
+            *v = g.nodes[p].inputs[0];
+            Some(p)
+        };
+    // The attention node itself is the first consumer.
+    let mut next = cx.consumers[v].first().copied().unwrap_or(usize::MAX);
+    if allow_prep {
+        rope = take(&mut v, &|op| matches!(op, BoundOp::Rope { .. }), &mut next);
+        norm = take(
+            &mut v,
+            &|op| {
+                matches!(
+                    op,
+                    BoundOp::RmsNorm {
+                        weight: Some(_),
+                        ..
+                    }
+                )
+            },
+            &mut next,
+        );
+    }
+    if let Some(r) = take(&mut v, &|op| matches!(op, BoundOp::Reshape), &mut next) {
+        absorbed.push(r);
+    }
+    absorbed.extend(rope);
+    absorbed.extend(norm);
+    // The norm must be over the head dim (the value's last dim).
+    if let Some(nn) = norm {
+        let x = g.nodes[nn].inputs[0];
+        if g.values[x].shape.len() != 3 {
+            return None;
+        }
+    }
+    Some((v, norm, rope, absorbed))
+}
+
+fn attention(cx: &mut Ctx, i: usize) -> Option<AttnPrep> {
+    let g = cx.g;
+    let n = &g.nodes[i];
+    let (q, qn, qr, mut abs) = attn_input(cx, n.inputs[0], true)?;
+    let (k, kn, kr, ka) = attn_input(cx, n.inputs[1], true)?;
+    let (v, vn, vr, va) = attn_input(cx, n.inputs[2], false)?;
+    if vn.is_some() || vr.is_some() || qr.is_some() != kr.is_some() {
+        return None;
+    }
+    if let (Some(a), Some(b)) = (qr, kr) {
+        if g.nodes[a].op != g.nodes[b].op {
+            return None;
+        }
+    }
+    if let (Some(a), Some(b)) = (qn, kn) {
+        let eps = |x: usize| match g.nodes[x].op {
+            BoundOp::RmsNorm { eps, .. } => eps,
+            _ => 0.0,
+        };
+        if eps(a) != eps(b) {
+            return None;
+        }
+    }
+    // The sources are flat rows [T, H * D] made before the attention.
+    for s in [q, k, v] {
+        if !has_tokens(g, s) || g.values[s].shape.len() != 2 {
+            return None;
+        }
+    }
+    abs.extend(ka);
+    abs.extend(va);
+    for &a in &abs {
+        cx.taken[a] = true;
+    }
+    cx.taken[i] = true;
+    Some(AttnPrep {
+        attn: i,
+        src: [q, k, v],
+        norm: [qn, kn],
+        rope: [qr, kr],
+        absorbed: abs,
+    })
+}
+
+/// Values a schedule materializes (written by some group), and a check
+/// that every group reads only values made by an earlier group (or the
+/// token ids). Returns the first violation as a message.
+pub fn check(g: &BoundGraph, groups: &[Group]) -> Result<Vec<bool>, String> {
+    let mut made = vec![false; g.values.len()];
+    made[g.tokens] = true;
+    for gr in groups {
+        let (reads, writes) = io(g, gr);
+        for r in reads {
+            if !made[r] {
+                return Err(format!(
+                    "group at node {} reads '{}' before it is made",
+                    gr.anchor(),
+                    g.values[r].name
+                ));
+            }
+        }
+        for w in writes {
+            made[w] = true;
+        }
+    }
+    if !made[g.output] {
+        return Err("the output is never made".into());
+    }
+    Ok(made)
+}
+
+/// (values read, values written) by a group.
+pub fn io(g: &BoundGraph, gr: &Group) -> (Vec<ValueId>, Vec<ValueId>) {
+    let nodes = gr.nodes();
+    let inside: BTreeSet<ValueId> = nodes.iter().map(|&n| g.nodes[n].output).collect();
+    let mut reads = Vec::new();
+    for &n in &nodes {
+        for &v in &g.nodes[n].inputs {
+            if !inside.contains(&v) && !reads.contains(&v) {
+                reads.push(v);
+            }
+        }
+    }
+    let writes = match gr {
+        Group::Single(n) => vec![g.nodes[*n].output],
+        Group::Attention(a) => vec![g.nodes[a.attn].output],
+        Group::Matvec(m) => {
+            let mut w = Vec::new();
+            // Side outputs of the prologue: read outside the group.
+            for &(p, _) in &m.prologue {
+                let o = g.nodes[p].output;
+                let used_outside = g
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .any(|(i, n)| !nodes.contains(&i) && n.inputs.contains(&o))
+                    || o == g.output;
+                if used_outside {
+                    w.push(o);
+                }
+            }
+            match group_output(g, m) {
+                Some(o) => w.push(o),
+                None => w.extend(m.mats.iter().map(|&x| g.nodes[x].output)),
+            }
+            w
+        }
+    };
+    (reads, writes)
+}

@@ -1,0 +1,467 @@
+//! Fused groups become launches: the hook WGSL a fused `matmul_vec` needs
+//! (bindings, prologue, store epilogue) is generated here from the graph
+//! nodes the group holds, and decode attention gets its prep knobs.
+
+use std::fmt::Write;
+
+use super::fuse::{self, AttnPrep, Matvec};
+use super::{heads, knob, numel, u, uc, Buf, Builder, Groups, Lin, WeightPlan, Word};
+use crate::codegen::Hooks;
+use crate::error::{Error, Result};
+use crate::graph::ir::{BoundGraph, BoundOp, Dim, RopeMode, Unary, ValueId};
+
+/// Staging capacities of matmul_vec's prologue (its XS knob).
+const XS: [usize; 4] = [1024, 2048, 4096, 8192];
+
+/// Largest input row a prologue can stage.
+pub const MAX_PROLOGUE_K: usize = 8192;
+
+fn lit(x: f64) -> String {
+    let s = format!("{:?}", x as f32);
+    if s.contains('.') || s.contains('e') {
+        s
+    } else {
+        format!("{s}.0")
+    }
+}
+
+fn act(u: &Unary) -> &'static str {
+    match u {
+        Unary::Silu => "act_silu",
+        Unary::Gelu => "act_gelu",
+        Unary::GeluTanh => "act_gelu_tanh",
+        Unary::Tanh => "tanh_k",
+        Unary::Relu => "act_relu",
+    }
+}
+
+/// Bindings of a hook: numbered from `next`, each with its buffer.
+struct Binds {
+    decl: String,
+    bufs: Vec<Buf>,
+}
+
+impl Binds {
+    fn add(&mut self, name: &str, write: bool, buf: Buf) {
+        let n = self.bufs.len();
+        let access = if write { "read_write" } else { "read" };
+        let _ = writeln!(
+            self.decl,
+            "@group(0) @binding({n}) var<storage, {access}> {name}: array<f32>;"
+        );
+        self.bufs.push(buf);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// The WGSL expression for elementwise op `n` applied to `v`, reading its
+/// other operand (bound as `r`) at `same` (same shape) or `bcast`.
+fn elementwise(
+    g: &BoundGraph,
+    node: usize,
+    carry: usize,
+    v: &str,
+    binds: &mut Binds,
+    vb: &dyn Fn(ValueId) -> Buf,
+    same: &str,
+    bcast: &str,
+) -> Result<String> {
+    let n = &g.nodes[node];
+    Ok(match &n.op {
+        BoundOp::Add | BoundOp::Mul => {
+            let o = n.inputs[1 - carry.min(1)];
+            let name = format!("r{}", binds.bufs.len());
+            binds.add(&name, false, vb(o));
+            let idx = if g.values[o].shape.first() == Some(&Dim::Tokens) {
+                same
+            } else {
+                bcast
+            };
+            let op = if matches!(n.op, BoundOp::Add) {
+                "+"
+            } else {
+                "*"
+            };
+            format!("{v} {op} {name}[{idx}]")
+        }
+        BoundOp::Scale { by } => format!("{v} * {}", lit(*by)),
+        BoundOp::Unary(u) => format!("{}({v})", act(u)),
+        BoundOp::Softcap { cap } => format!("act_softcap({v}, {})", lit(*cap)),
+        other => {
+            return Err(Error::Gpu(format!(
+                "internal: {other:?} cannot be fused as an elementwise op"
+            )))
+        }
+    })
+}
+
+/// Plan a fused matrix × vector group.
+pub(crate) fn plan_matvec(
+    b: &mut Builder,
+    g: &BoundGraph,
+    m: &Matvec,
+    weights: &mut [WeightPlan],
+    value_buf: &[usize],
+) -> Result<()> {
+    let vb = |v: usize| Buf::Value(value_buf[v]);
+    let ws: Vec<usize> = m
+        .mats
+        .iter()
+        .map(|&i| match g.nodes[i].op {
+            BoundOp::MatMul { w } => w,
+            _ => 0,
+        })
+        .collect();
+    for &w in &ws {
+        weights[w].raw = true;
+    }
+    let k = g.weights[ws[0]].dims[0];
+    let input = g.nodes[m.mats[0]].inputs[0];
+    let rows_m = {
+        let e = numel(&g.values[input].shape);
+        Lin {
+            t: e.t / k as u64,
+            p: 0,
+            c: e.c / k as u64,
+        }
+    };
+    let (_, writes) = fuse::io(g, &super::fuse::Group::Matvec(m.clone()));
+    let chunked = ws.iter().any(|&w| weights[w].chunks.len() > 1);
+    if chunked && ws.len() > 1 {
+        return Err(Error::Gpu(format!(
+            "weights {} are fused as siblings but one is split across bindings; run with --no-fuse siblings",
+            ws.iter().map(|&w| g.weights[w].name.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+    let pair = m.pair.is_some();
+    let xs = if m.prologue.is_empty() {
+        0
+    } else {
+        *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
+            Error::Gpu(format!(
+                "a fused prologue needs a row of {k} elements, more than {MAX_PROLOGUE_K}; run with --no-fuse prologue"
+            ))
+        })?
+    };
+    let dts: Vec<String> = ws.iter().map(|&w| g.weights[w].dtype.to_string()).collect();
+    let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
+    let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
+    let xs_s = xs.to_string();
+    let fixed = [
+        ("DTYPE", dt_a.as_str()),
+        ("DTYPE_B", dt_b.as_str()),
+        ("DTYPE_C", dt_c.as_str()),
+        ("PAIR", if pair { "1" } else { "0" }),
+        ("XS", xs_s.as_str()),
+    ];
+    let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
+    nodes.sort_unstable();
+    let fused = describe(g, m);
+    for c in 0..weights[ws[0]].chunks.len() {
+        let (first, rows) = weights[ws[0]].chunks[c];
+        // Bindings: 0..2 weights, 3 the input row, then the rest.
+        let mut bd = Binds {
+            decl: String::new(),
+            bufs: Vec::new(),
+        };
+        for (j, name) in ["w_a", "w_b", "w_c"].iter().enumerate() {
+            match ws.get(j) {
+                Some(&w) => {
+                    let _ = writeln!(
+                        bd.decl,
+                        "@group(0) @binding({j}) var<storage, read> {name}: array<u32>;"
+                    );
+                    bd.bufs.push(Buf::Raw {
+                        weight: w,
+                        chunk: if j == 0 { c } else { 0 },
+                    });
+                }
+                None => bd.bufs.push(Buf::Unbound),
+            }
+        }
+        let start = match m.prologue.first() {
+            Some(&(p, carry)) => g.nodes[p].inputs[carry],
+            None => input,
+        };
+        bd.add("x", false, vb(start));
+        let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
+        if xs > 0 {
+            pro += "    let xo = m * p.k;\n";
+            pro +=
+                "    for (var e = lid_; e < p.k; e += WG) {\n        xs[e] = x[xo + e];\n    }\n";
+            for &(p, carry) in &m.prologue {
+                let n = &g.nodes[p];
+                let _ = writeln!(
+                    pro,
+                    "    // {} ({:?})",
+                    g.values[n.output].name,
+                    op_name(&n.op)
+                );
+                let side = if writes.contains(&n.output) {
+                    let name = format!("s{}", bd.bufs.len());
+                    bd.add(&name, true, vb(n.output));
+                    format!(
+                        "\n        if g == 0u {{\n            {name}[xo + e] = xs[e];\n        }}"
+                    )
+                } else {
+                    String::new()
+                };
+                match &n.op {
+                    BoundOp::RmsNorm { weight, eps } => {
+                        let wmul = match weight {
+                            Some(w) => {
+                                weights[*w].f32_copy = true;
+                                let name = format!("r{}", bd.bufs.len());
+                                bd.add(&name, false, Buf::F32(*w));
+                                format!(" * {name}[e]")
+                            }
+                            None => String::new(),
+                        };
+                        let _ = write!(
+                            pro,
+                            "    {{\n        var ss = 0.0;\n        for (var e = lid_; e < p.k; e += WG) {{\n            ss += xs[e] * xs[e];\n        }}\n        let r = inverseSqrt(wg_sum(ss) / f32(p.k) + {});\n        for (var e = lid_; e < p.k; e += WG) {{\n            xs[e] = xs[e] * r{wmul};{}\n        }}\n    }}\n",
+                            lit(*eps),
+                            side.replace("\n        ", "\n            ")
+                        );
+                    }
+                    _ => {
+                        let ex = elementwise(g, p, carry, "xs[e]", &mut bd, &vb, "xo + e", "e")?;
+                        let _ = write!(
+                            pro,
+                            "    for (var e = lid_; e < p.k; e += WG) {{\n        xs[e] = {ex};{side}\n    }}\n"
+                        );
+                    }
+                }
+            }
+            pro += "    workgroupBarrier();\n";
+        }
+        pro += "}\n";
+        // Store: the pair's activation, the epilogue, the outputs.
+        let mut st = String::from("fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) {\n");
+        match m.pair {
+            Some((Some(a), _)) => {
+                let BoundOp::Unary(u) = &g.nodes[a].op else {
+                    return Err(Error::Gpu("internal: gated activation is not unary".into()));
+                };
+                let _ = writeln!(st, "    var v = {}(a) * b;", act(u));
+            }
+            Some((None, _)) => st += "    var v = a * b;\n",
+            None => st += "    var v = a;\n",
+        }
+        for &(e, carry) in &m.epilogue {
+            let ex = elementwise(
+                g,
+                e,
+                carry,
+                "v",
+                &mut bd,
+                &vb,
+                "m * p.ldy + p.n_offset + n",
+                "p.n_offset + n",
+            )?;
+            let _ = writeln!(st, "    v = {ex};");
+        }
+        let outs: Vec<ValueId> = writes
+            .iter()
+            .copied()
+            .filter(|v| !m.prologue.iter().any(|&(p, _)| g.nodes[p].output == *v))
+            .collect();
+        if pair || ws.len() == 1 {
+            let name = format!("y{}", bd.bufs.len());
+            bd.add(&name, true, vb(outs[0]));
+            let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
+        } else {
+            for (j, &o) in outs.iter().enumerate() {
+                let name = format!("y{}", bd.bufs.len());
+                bd.add(&name, true, vb(o));
+                let ld = ["p.na", "p.nb", "p.nc"][j];
+                let _ = writeln!(
+                    st,
+                    "    if seg == {j}u {{\n        {name}[m * {ld} + n] = v;\n    }}"
+                );
+            }
+        }
+        st += "}\n";
+        let nb = bd.bufs.len();
+        let hook = format!(
+            "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\nfn x_in(i: u32) -> f32 {{\n    return x[i];\n}}\n\n{pro}\n{st}",
+            bd.decl
+        );
+        let mut hooks = Hooks::new();
+        hooks.insert("FUSED".into(), hook);
+        let n_of = |j: usize| -> usize {
+            if j == 0 {
+                rows
+            } else {
+                ws.get(j)
+                    .map(|&w| g.weights[w].dims[1..].iter().product())
+                    .unwrap_or(0)
+            }
+        };
+        let (na, nbr, nc) = if pair {
+            (rows, 0, 0)
+        } else {
+            (n_of(0), n_of(1), n_of(2))
+        };
+        let ldy: usize = g.weights[ws[0]].dims[1..].iter().product();
+        let params = vec![
+            u(rows_m),
+            uc(k),
+            uc(na),
+            uc(nbr),
+            uc(nc),
+            uc(first),
+            uc(ldy),
+            uc(0),
+        ];
+        b.launch_fused(
+            nodes.clone(),
+            "matmul_vec",
+            &fixed,
+            hooks,
+            &fused,
+            bd.bufs,
+            params,
+            |kn| {
+                let r = knob(kn, "ROWS", 1) as usize;
+                let total = na.div_ceil(r) + nbr.div_ceil(r) + nc.div_ceil(r);
+                Groups::Linear {
+                    n: Lin::c(total as u64),
+                    div: 1,
+                    z: rows_m,
+                }
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn op_name(op: &BoundOp) -> String {
+    let s = format!("{op:?}");
+    s.split([' ', '{', '(']).next().unwrap_or("").to_string()
+}
+
+/// `rmsnorm+add+matmul3+silu_mul+add`: what a fused matvec holds.
+fn describe(g: &BoundGraph, m: &Matvec) -> String {
+    let mut parts: Vec<String> = m
+        .prologue
+        .iter()
+        .map(|&(p, _)| op_name(&g.nodes[p].op).to_lowercase())
+        .collect();
+    parts.push(format!("matmul{}", m.mats.len()));
+    if let Some((a, _)) = m.pair {
+        parts.push(match a {
+            Some(a) => format!("{}_mul", op_name(&g.nodes[a].op).to_lowercase()),
+            None => "mul".into(),
+        });
+    }
+    parts.extend(
+        m.epilogue
+            .iter()
+            .map(|&(e, _)| op_name(&g.nodes[e].op).to_lowercase()),
+    );
+    parts.join("+")
+}
+
+/// Plan a fused decode attention (PREP=1).
+pub(crate) fn plan_attention(
+    b: &mut Builder,
+    g: &BoundGraph,
+    a: &AttnPrep,
+    weights: &mut [WeightPlan],
+    value_buf: &[usize],
+) -> Result<()> {
+    let vb = |v: usize| Buf::Value(value_buf[v]);
+    let n = &g.nodes[a.attn];
+    let BoundOp::Attention {
+        scale,
+        window,
+        softcap,
+        cache,
+    } = &n.op
+    else {
+        return Err(Error::Gpu("internal: not an attention node".into()));
+    };
+    let c = g.caches[*cache];
+    let (h, d) = heads(&g.values[n.inputs[0]].shape);
+    let norm_w = |x: Option<usize>| -> (Buf, f64, bool) {
+        match x.map(|i| &g.nodes[i].op) {
+            Some(BoundOp::RmsNorm {
+                weight: Some(w),
+                eps,
+            }) => (Buf::F32(*w), *eps, true),
+            _ => (Buf::Unbound, 0.0, false),
+        }
+    };
+    let (qw, qeps, qn) = norm_w(a.norm[0]);
+    let (kw, keps, kn) = norm_w(a.norm[1]);
+    for w in [&qw, &kw] {
+        if let Buf::F32(w) = w {
+            weights[*w].f32_copy = true;
+        }
+    }
+    let eps = if qn { qeps } else { keps };
+    let (rope, base, dims, rscale) = match a.rope[0].map(|i| &g.nodes[i].op) {
+        Some(BoundOp::Rope {
+            mode,
+            base,
+            dims,
+            scale,
+        }) => (
+            if *mode == RopeMode::Neox {
+                "NEOX"
+            } else {
+                "NORMAL"
+            },
+            *base,
+            *dims,
+            *scale,
+        ),
+        _ => ("NONE", 0.0, 0, 1.0),
+    };
+    let mut nodes = a.absorbed.clone();
+    nodes.push(a.attn);
+    nodes.sort_unstable();
+    b.launch_fused(
+        nodes,
+        "attention",
+        &[
+            ("PREP", "1"),
+            ("QNORM", if qn { "1" } else { "0" }),
+            ("KNORM", if kn { "1" } else { "0" }),
+            ("ROPE", rope),
+        ],
+        Hooks::new(),
+        "",
+        vec![
+            vb(a.src[0]),
+            vb(a.src[1]),
+            vb(a.src[2]),
+            Buf::KCache(*cache),
+            Buf::VCache(*cache),
+            vb(n.output),
+            qw,
+            kw,
+        ],
+        vec![
+            u(Lin::t(1)),
+            uc(h),
+            uc(c.kv_heads),
+            uc(d),
+            uc(c.v_dim),
+            u(Lin::pos(1)),
+            uc(window.unwrap_or(0)),
+            Word::F(*scale as f32),
+            Word::F(softcap.unwrap_or(0.0) as f32),
+            Word::F(eps as f32),
+            uc(dims),
+            Word::F(base as f32),
+            Word::F(rscale as f32),
+        ],
+        |_| Groups::Linear {
+            n: Lin::t(h as u64),
+            div: 1,
+            z: Lin::c(1),
+        },
+    )
+}
