@@ -126,30 +126,87 @@ fn check_matmul(
     s: Shape,
 ) -> Result<f64, String> {
     let dt = dtype(knobs);
-    let kk = k_for(dt);
-    let wbytes = random_weights(rng, dt, s.n, kk);
-    let w = dequant::dequantize(dt, &wbytes, s.n * kk).expect("CPU dequant");
+    // matmul_vec's extra weights (default hook: B and C rows follow A's in
+    // y; PAIR=1 stores a * b).
+    let extra: Vec<DType> = ["DTYPE_B", "DTYPE_C"]
+        .iter()
+        .filter_map(|n| knobs.get(*n))
+        .filter_map(|v| DType::from_name(v))
+        .collect();
+    let pair = knobs.get("PAIR").is_some_and(|v| v == "1");
+    let kk = std::iter::once(dt)
+        .chain(extra.iter().copied())
+        .map(|d| match d.block_size() {
+            1 => 0,
+            32 => 1,
+            _ => 2,
+        })
+        .max()
+        .map(|c| [99, 96, 512][c])
+        .unwrap_or(99);
     let x = rng.vec(s.m * kk);
-    let want = ops::matmul(&x, s.m, &w, kk, s.n);
+    let mut all_w = Vec::new();
+    let mut outs = Vec::new();
+    for &d in std::iter::once(&dt).chain(&extra) {
+        let wbytes = random_weights(rng, d, s.n, kk);
+        let w = dequant::dequantize(d, &wbytes, s.n * kk).expect("CPU dequant");
+        outs.push(ops::matmul(&x, s.m, &w, kk, s.n));
+        all_w.push(wbytes);
+    }
+    let (nb, nc) = if pair {
+        (0, 0)
+    } else {
+        (
+            if extra.is_empty() { 0 } else { s.n },
+            if extra.len() > 1 { s.n } else { 0 },
+        )
+    };
+    // Expected [m, ldy] rows in the chunk's columns: A's rows (times B's
+    // with PAIR), then B's and C's for matmul_vec's segments.
+    let width = s.n + nb + nc;
+    let mut want = vec![0f32; s.m * width];
+    for m in 0..s.m {
+        for j in 0..s.n {
+            want[m * width + j] = if pair {
+                outs[0][m * s.n + j] * outs[1][m * s.n + j]
+            } else {
+                outs[0][m * s.n + j]
+            };
+            if nb > 0 {
+                want[m * width + s.n + j] = outs[1][m * s.n + j];
+            }
+            if nc > 0 {
+                want[m * width + 2 * s.n + j] = outs[2][m * s.n + j];
+            }
+        }
+    }
+    let s = Shape {
+        n: width,
+        ldy: s.ldy.max(s.n_offset + width),
+        ..s
+    };
 
-    let wb = kernel::storage(ctx, "w", &wbytes);
+    let wbs: Vec<wgpu::Buffer> = all_w.iter().map(|b| kernel::storage(ctx, "w", b)).collect();
     let xb = kernel::storage(ctx, "x", bytemuck::cast_slice(&x));
     let ylen = s.m * s.ldy;
     let yb = kernel::poisoned(ctx, "y", ylen);
-    let pb = kernel::uniform(
-        ctx,
-        "p",
-        &[
-            s.m as u32,
-            kk as u32,
-            s.n as u32,
-            s.n_offset as u32,
-            s.ldy as u32,
-        ],
-    );
+    let rows_a = s.n - nb - nc;
+    let words: Vec<u32> = match family {
+        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0]
+            .iter()
+            .map(|&v| v as u32)
+            .collect(),
+        Family::Tiled => [s.m, kk, s.n, s.n_offset, s.ldy]
+            .iter()
+            .map(|&v| v as u32)
+            .collect(),
+    };
+    let pb = kernel::uniform(ctx, "p", &words);
     let groups = match family {
         Family::Vec => {
-            let mut g = spread((s.n as u32).div_ceil(knob(knobs, "ROWS")), s.spread_max);
+            let r = knob(knobs, "ROWS") as usize;
+            let count = rows_a.div_ceil(r) + nb.div_ceil(r) + nc.div_ceil(r);
+            let mut g = spread(count as u32, s.spread_max);
             g[2] = s.m as u32;
             g
         }
@@ -159,7 +216,15 @@ fn check_matmul(
             spread(tiles, s.spread_max)
         }
     };
-    let bind = k.bind(ctx, &[&wb, &xb, &yb, &pb]);
+    let bind = match family {
+        Family::Vec => {
+            let mut b: Vec<(u32, &wgpu::Buffer)> =
+                wbs.iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
+            b.extend([(3, &xb), (4, &yb), (5, &pb)]);
+            k.bind_at(ctx, &b)
+        }
+        Family::Tiled => k.bind(ctx, &[&wbs[0], &xb, &yb, &pb]),
+    };
     let mut enc = ctx.device.create_command_encoder(&Default::default());
     k.dispatch(&mut enc, &bind, groups);
     ctx.queue.submit([enc.finish()]);
