@@ -4,6 +4,7 @@
 //! binds it to weights and hyperparameters; the CPU [`reference`] interpreter
 //! runs the bound graph and is the oracle every GPU kernel is checked against.
 
+pub mod alloc;
 pub mod codegen;
 pub mod error;
 pub mod exec;
