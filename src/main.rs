@@ -68,12 +68,25 @@ struct ModelArgs {
     /// Graph file (default: graphs/<general.architecture>.ron).
     #[arg(long)]
     graph: Option<PathBuf>,
-    /// Executor.
-    #[arg(long, value_enum, default_value = "cpu")]
+    /// Executor: the GPU (default), or the f32 CPU reference (the oracle).
+    #[arg(long, value_enum, default_value = "gpu")]
     backend: BackendKind,
     /// Context length in tokens (capped by the model's).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
+    /// Turn a fusion pass off (repeatable), to bisect a wrong result:
+    /// siblings, gated, epilogue, prologue, attention.
+    #[arg(long = "no-fuse", value_name = "PASS")]
+    no_fuse: Vec<String>,
+}
+
+impl ModelArgs {
+    fn fusion(&self) -> Result<kiln::plan::FuseOptions> {
+        kiln::plan::report::check_passes(&self.no_fuse)?;
+        Ok(kiln::plan::FuseOptions {
+            disabled: self.no_fuse.clone(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -150,9 +163,28 @@ enum Cmd {
         /// The GGUF to write.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Dtype mix applied before writing: as-is (the spec's dtypes), q4_0,
+        /// q8_0, f16 (every weight of 2+ dims in that dtype), or a mix the
+        /// spec defines in its "mixes" rules (e.g. q4_k_m).
+        #[arg(long, default_value = "as-is")]
+        mix: String,
         /// Random seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+    },
+    /// Show how a model will run: fused groups in order with their kernels,
+    /// dispatches per step, every intermediate buffer with its arena, offset,
+    /// size and live range, and the arena's peak beside the naive sum and the
+    /// lower bound.
+    Plan {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Tokens of the prefill plan to show.
+        #[arg(long, default_value_t = 512)]
+        prefill: usize,
+        /// Also write the fused decode graph as Graphviz (groups as clusters).
+        #[arg(long)]
+        dot: Option<PathBuf>,
     },
     /// Write every WGSL kernel the model's plans use (decode and prefill).
     Kernels {
@@ -202,12 +234,17 @@ fn with_backend<R>(
         BackendKind::Gpu => {
             let ctx = GpuContext::new(&gpu.options()?)?;
             let progress = std::io::stderr().is_terminal();
-            f(&mut GpuBackend::new(
+            eprintln!(
+                "kiln: GPU {} ({:?}), features: {}",
+                ctx.adapter_info.name, ctx.adapter_info.backend, ctx.features
+            );
+            f(&mut GpuBackend::with_fusion(
                 &ctx,
                 &model.bound,
                 &model.gguf,
                 n_ctx,
                 progress,
+                &m.fusion()?,
             )?)
         }
     }
@@ -298,9 +335,35 @@ fn run(cli: Cli) -> Result<()> {
             spec_out,
             spec,
             out,
+            mix,
             seed,
-        } => synth(like, spec_out, spec, out, seed),
+        } => synth(like, spec_out, spec, out, &mix, seed),
         Cmd::Bench { m, decode, prefill } => bench(&m, &cli.gpu, decode, prefill),
+        Cmd::Plan { m, prefill, dot } => {
+            let model = load(&m)?;
+            let opts = m.fusion()?;
+            let ctx = GpuContext::new(&cli.gpu.options()?)?;
+            let caps = kiln::exec::kernel::caps(&ctx);
+            let max = ctx
+                .limits
+                .max_storage_buffer_binding_size
+                .min(ctx.limits.max_buffer_size);
+            let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+            use kiln::plan::{self, report, Bucket};
+            let decode = plan::plan_with(&model.bound, Bucket::One, caps, max, &opts)?;
+            let pre = plan::plan_with(&model.bound, Bucket::Many, caps, max, &opts)?;
+            println!("{}", report::text(&model.bound, &decode, 1, align, max)?);
+            println!(
+                "{}",
+                report::text(&model.bound, &pre, prefill.max(2), align, max)?
+            );
+            if let Some(p) = dot {
+                std::fs::write(&p, report::dot(&model.bound, &decode))
+                    .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         Cmd::Kernels { m, out } => {
             let model = load(&m)?;
             let ctx = GpuContext::new(&cli.gpu.options()?)?;
@@ -456,7 +519,8 @@ fn bench(m: &ModelArgs, gpu: &GpuArgs, decode: usize, prefill: usize) -> Result<
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
     let n_ctx = prefill.max(8 + decode) + 1;
-    let mut b = GpuBackend::new(&ctx, &model.bound, &model.gguf, n_ctx, false)?;
+    let mut b =
+        GpuBackend::with_fusion(&ctx, &model.bound, &model.gguf, n_ctx, false, &m.fusion()?)?;
     let vocab = model.bound.vocab as u64;
     // Deterministic pseudo-random prompt ids.
     let ids: Vec<u32> = (0..prefill as u64)
@@ -533,11 +597,15 @@ fn synth(
     spec_out: Option<PathBuf>,
     spec: Option<PathBuf>,
     out: Option<PathBuf>,
+    mix: &str,
     seed: u64,
 ) -> Result<()> {
     use kiln::model::synth;
     let io = |p: &Path, e: std::io::Error| Error::Input(format!("{}: {e}", p.display()));
-    let s = match (&like, &spec) {
+    if spec_out.is_none() && out.is_none() {
+        return Err(Error::Input("give --spec-out and/or --out".into()));
+    }
+    let s: synth::Spec = match (&like, &spec) {
         (Some(l), _) => synth::spec_of(&Gguf::open(l)?),
         (None, Some(p)) => {
             let text = std::fs::read_to_string(p).map_err(|e| io(p, e))?;
@@ -546,23 +614,26 @@ fn synth(
         }
         (None, None) => return Err(Error::Input("give --like M.gguf or --spec S.json".into())),
     };
+    let s = s.with_mix(mix)?;
     if let Some(p) = &spec_out {
         let text = serde_json::to_string_pretty(&s).map_err(|e| Error::Input(e.to_string()))?;
         std::fs::write(p, text).map_err(|e| io(p, e))?;
         eprintln!("wrote {}", p.display());
     }
     if let Some(p) = &out {
-        let bytes = synth::write(&s, seed)?;
-        std::fs::write(p, &bytes).map_err(|e| io(p, e))?;
+        let t = std::time::Instant::now();
+        let file = std::fs::File::create(p).map_err(|e| io(p, e))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        let bytes = synth::write_to(&s, seed, &mut w).inspect_err(|_| {
+            let _ = std::fs::remove_file(p);
+        })?;
         eprintln!(
-            "wrote {} ({} bytes, {} tensors)",
+            "wrote {} ({} bytes, {} tensors, mix {mix}) in {:.1} s",
             p.display(),
-            bytes.len(),
-            s.tensors.len()
+            bytes,
+            s.tensors.len(),
+            t.elapsed().as_secs_f64()
         );
-    }
-    if spec_out.is_none() && out.is_none() {
-        return Err(Error::Input("give --spec-out and/or --out".into()));
     }
     Ok(())
 }

@@ -68,3 +68,56 @@ fn large_weights_are_split_by_rows() {
         );
     }
 }
+
+/// Decode of both real models: at most 5 dispatches per layer plus 3
+/// (issue 4), and every pass off at once gives the unfused count back.
+#[test]
+fn fused_decode_dispatches_per_layer() {
+    for (file, graph) in [(SMOLLM2, "llama.ron"), (GEMMA3, "gemma3.ron")] {
+        let (_g, b) = bound(file, graph);
+        let layers = b.param("n_layer").unwrap() as usize;
+        // H100-like limits: no weight is split.
+        let caps = Caps::feature_sets(1024, 48 << 10)[3];
+        let p = plan(&b, Bucket::One, caps, 2 << 30).unwrap();
+        assert!(
+            p.dispatches() <= 5 * layers + 3,
+            "{file}: {} dispatches for {layers} layers",
+            p.dispatches()
+        );
+        let unfused = kiln::plan::plan_with(
+            &b,
+            Bucket::One,
+            caps,
+            2 << 30,
+            &kiln::plan::FuseOptions::none(),
+        )
+        .unwrap();
+        assert!(unfused.dispatches() > 2 * p.dispatches(), "{file}");
+    }
+}
+
+/// The liveness allocator on the real plans (decode and a 512-token
+/// prefill): no two values alive at once overlap, and the arena peak is
+/// within 5% of the lower bound (computed independently by alloc).
+#[test]
+fn arena_peak_near_lower_bound() {
+    for (file, graph) in [(SMOLLM2, "llama.ron"), (GEMMA3, "gemma3.ron")] {
+        let (_g, b) = bound(file, graph);
+        let caps = Caps::feature_sets(1024, 32 << 10)[3];
+        for (bucket, t) in [(Bucket::One, 1), (Bucket::Many, 512)] {
+            // H100 binding limit: Gemma's 512 rows of logits are 512 MiB.
+            let max = 2u64 << 30;
+            let p = plan(&b, bucket, caps, max).unwrap();
+            let (_, iv, l) = kiln::plan::report::layout(&b, &p, t, 256, max).unwrap();
+            kiln::alloc::check(&iv, 256, &l).unwrap_or_else(|e| panic!("{file} T={t}: {e}"));
+            assert_eq!(l.lower_bound, kiln::alloc::lower_bound(&iv, 256));
+            assert!(
+                (l.peak as f64) <= 1.05 * l.lower_bound as f64,
+                "{file} T={t}: peak {} vs lower bound {}",
+                l.peak,
+                l.lower_bound
+            );
+            assert!(l.peak < l.naive, "{file} T={t}: no reuse");
+        }
+    }
+}

@@ -288,7 +288,10 @@ impl<'a> GpuBackend<'a> {
                         resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                             buffer: &ubuf,
                             offset: (*slot * 4) as u64,
-                            size: wgpu::BufferSize::new((params.len().max(1) * 4) as u64),
+                            // The whole slot: a template's Params may pad past its words.
+                            size: wgpu::BufferSize::new(
+                                (params.len().max(4).div_ceil(align) * align * 4) as u64,
+                            ),
                         }),
                     });
                     let k = &st.kernels[*kernel];

@@ -417,11 +417,7 @@ type AttnInput = (ValueId, Option<usize>, Option<usize>, Vec<usize>);
 
 /// Walk back from an attention input through rope, a per-head RMSNorm and
 /// a reshape to the projection's row.
-fn attn_input(
-    cx: &Ctx,
-    v: ValueId,
-    allow_prep: bool,
-) -> Option<AttnInput> {
+fn attn_input(cx: &Ctx, v: ValueId, allow_prep: bool) -> Option<AttnInput> {
     let g = cx.g;
     let mut absorbed = Vec::new();
     let mut v = v;

@@ -191,12 +191,8 @@ pub(crate) fn plan_matvec(
                 "    for (var e = lid_; e < p.k; e += WG) {\n        xs[e] = x[xo + e];\n    }\n";
             for &(p, carry) in &m.prologue {
                 let n = &g.nodes[p];
-                let _ = writeln!(
-                    pro,
-                    "    // {} ({:?})",
-                    g.values[n.output].name,
-                    op_name(&n.op)
-                );
+                // Op names only: the same fusion in every layer is one kernel.
+                let _ = writeln!(pro, "    // {}", op_name(&n.op));
                 let side = if writes.contains(&n.output) {
                     let name = format!("s{}", bd.bufs.len());
                     bd.add(&name, true, vb(n.output));

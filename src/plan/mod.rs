@@ -16,6 +16,7 @@ use crate::graph::ir::{BoundGraph, BoundOp, Dim, RopeMode, Unary};
 
 pub mod fuse;
 mod hooks;
+pub mod report;
 
 pub use fuse::{FuseOptions, Group, PASSES};
 
@@ -458,6 +459,15 @@ pub fn plan_with(
     for gr in &groups {
         match gr {
             Group::Single(i) => plan_node(&mut b, g, *i, &mut weights, &value_buf, tiled)?,
+            // A matmul nothing fused with is planned as itself (tiled in prefill).
+            Group::Matvec(m)
+                if m.mats.len() == 1
+                    && m.pair.is_none()
+                    && m.prologue.is_empty()
+                    && m.epilogue.is_empty() =>
+            {
+                plan_node(&mut b, g, m.mats[0], &mut weights, &value_buf, tiled)?
+            }
             Group::Matvec(m) => hooks::plan_matvec(&mut b, g, m, &mut weights, &value_buf)?,
             Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
@@ -930,10 +940,7 @@ pub fn kernel_sources(
             if out.iter().any(|(f, _)| *f == file) {
                 continue;
             }
-            let t = codegen::template(&k.template).map_err(|e| Error::Gpu(e.to_string()))?;
-            let wgsl = t
-                .build(&k.knobs, &caps)
-                .map_err(|e| Error::Gpu(e.to_string()))?;
+            let wgsl = k.build(&caps)?;
             let uses = p
                 .launches
                 .iter()
