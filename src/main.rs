@@ -532,15 +532,14 @@ fn bench(m: &ModelArgs, gpu: &GpuArgs, decode: usize, prefill: usize) -> Result<
     let t = Instant::now();
     let logits = b.forward(&ids, true)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    // Decode: steps after an 8-token prompt, greedy on the CPU side.
+    // Decode: greedy steps after an 8-token prompt (the argmax runs on the
+    // GPU; each step reads back one token id).
     b.reset();
-    let mut last = b.forward(&ids[..8.min(ids.len())], true)?;
-    let mut next = kiln::reference::ops::argmax(last.row(0), last.vocab)[0] as u32;
-    b.forward(&[next], true)?; // warm-up of the decode bucket
+    let mut next = b.forward_greedy(&ids[..8.min(ids.len())])?;
+    next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
     let t = Instant::now();
     for _ in 0..decode {
-        last = b.forward(&[next], true)?;
-        next = kiln::reference::ops::argmax(last.row(0), last.vocab)[0] as u32;
+        next = b.forward_greedy(&[next])?;
     }
     let decode_s = t.elapsed().as_secs_f64();
     let _ = logits;
@@ -585,9 +584,22 @@ fn bench(m: &ModelArgs, gpu: &GpuArgs, decode: usize, prefill: usize) -> Result<
     );
     let [d, p] = b.plans();
     println!(
-        "dispatches/step    decode {}, prefill {}",
+        "dispatches/step    decode {} (+1 greedy argmax), prefill {}",
         d.dispatches(),
         p.dispatches()
+    );
+    let m = b.memory();
+    println!(
+        "GPU memory         {:.1} MB = weights {:.1} + KV cache {:.1} ({} positions) + arena {:.1} (decode {:.3} + prefill {:.1}; naive sum {:.1}, lower bound {:.1})",
+        m.total() as f64 / 1e6,
+        m.weights as f64 / 1e6,
+        m.kv as f64 / 1e6,
+        n_ctx,
+        (m.arena[0] + m.arena[1]) as f64 / 1e6,
+        m.arena[0] as f64 / 1e6,
+        m.arena[1] as f64 / 1e6,
+        (m.naive[0] + m.naive[1]) as f64 / 1e6,
+        (m.lower[0] + m.lower[1]) as f64 / 1e6,
     );
     Ok(())
 }

@@ -83,6 +83,15 @@ pub fn bind_model(path: &Path, graph: Option<&Path>) -> Result<(Gguf, BoundGraph
 pub trait Backend {
     /// Run tokens at the next positions; logits for all of them, or the last.
     fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Logits>;
+    /// Run tokens and return the argmax of the last logits row (greedy
+    /// decode); a backend may compute it without reading the logits back.
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        let l = self.forward(tokens, true)?;
+        Ok(crate::reference::ops::argmax(l.row(l.rows() - 1), l.vocab)
+            .first()
+            .copied()
+            .unwrap_or(0) as u32)
+    }
     /// Forget the KV cache.
     fn reset(&mut self);
     /// Context length in positions.
@@ -214,18 +223,33 @@ pub fn generate(
     let mut out = Vec::new();
     let mut decoder = StreamDecoder::new(tokenizer);
     let t0 = Instant::now();
-    let mut logits = backend.forward(prompt, true)?;
+    // Greedy steps read back one token id, not a row of logits.
+    let greedy = sampler.temp <= 0.0;
+    let mut logits = None;
+    let mut next_greedy = 0;
+    if greedy {
+        next_greedy = backend.forward_greedy(prompt)?;
+    } else {
+        logits = Some(backend.forward(prompt, true)?);
+    }
     stats.prompt_time = t0.elapsed();
     let t1 = Instant::now();
     for step in 0..n {
-        let next = sampler.sample(logits.row(logits.rows() - 1));
+        let next = match &logits {
+            Some(l) => sampler.sample(l.row(l.rows() - 1)),
+            None => next_greedy,
+        };
         out.push(next);
         if tokenizer.is_eog(next) {
             break;
         }
         emit(&decoder.push(next)?);
         if step + 1 < n {
-            logits = backend.forward(&[next], true)?;
+            if greedy {
+                next_greedy = backend.forward_greedy(&[next])?;
+            } else {
+                logits = Some(backend.forward(&[next], true)?);
+            }
         }
     }
     stats.gen_tokens = out.len();

@@ -6,87 +6,16 @@
 //! CPU reference's by relative L2 error (1e-4 with f32 arithmetic, 1e-2
 //! with f16 products).
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+mod common;
 
+use common::tiny_model as model;
 use kiln::exec::gpu::GpuBackend;
 use kiln::exec::{FeatureRequest, GpuContext};
-use kiln::graph::{BoundGraph, Graph};
+use kiln::graph::BoundGraph;
 use kiln::model::gguf::Gguf;
-use kiln::model::synth::{self, Spec};
 use kiln::plan::{FuseOptions, PASSES};
 use kiln::reference::{Logits, Reference};
 use kiln::session::Backend;
-use serde_json::json;
-
-const D: u64 = 256;
-const FFN: u64 = 512;
-const HEADS: u64 = 4;
-const KV: u64 = 2;
-const HD: u64 = 64;
-const VOCAB: u64 = 512;
-
-/// A tiny model of `arch` ("llama" or "gemma3") with `layers` layers.
-fn spec(arch: &str, layers: u64) -> Spec {
-    let mut m: BTreeMap<String, serde_json::Value> = BTreeMap::new();
-    let k = |s: &str| format!("{arch}.{s}");
-    m.insert("general.architecture".into(), json!(arch));
-    m.insert(k("block_count"), json!({ "u32": layers }));
-    m.insert(k("context_length"), json!({ "u32": 128 }));
-    m.insert(k("embedding_length"), json!({ "u32": D }));
-    m.insert(k("feed_forward_length"), json!({ "u32": FFN }));
-    m.insert(k("attention.head_count"), json!({ "u32": HEADS }));
-    m.insert(k("attention.head_count_kv"), json!({ "u32": KV }));
-    m.insert(k("attention.key_length"), json!({ "u32": HD }));
-    m.insert(k("attention.value_length"), json!({ "u32": HD }));
-    m.insert(
-        k("attention.layer_norm_rms_epsilon"),
-        json!({ "f32": 1e-6 }),
-    );
-    m.insert(k("rope.freq_base"), json!({ "f32": 10000.0 }));
-    if arch == "gemma3" {
-        m.insert(k("attention.sliding_window"), json!({ "u32": 4 }));
-    }
-    let mut t: Vec<(String, String, Vec<u64>)> = Vec::new();
-    let mut add = |n: String, dt: &str, dims: Vec<u64>| t.push((n, dt.into(), dims));
-    add("token_embd.weight".into(), "Q8_0", vec![D, VOCAB]);
-    add("output_norm.weight".into(), "F32", vec![D]);
-    for i in 0..layers {
-        let b = |s: &str| format!("blk.{i}.{s}");
-        add(b("attn_norm.weight"), "F32", vec![D]);
-        // Siblings of three different dtypes, as in Q4_K_M models.
-        add(b("attn_q.weight"), "Q4_K", vec![D, HEADS * HD]);
-        add(b("attn_k.weight"), "Q5_0", vec![D, KV * HD]);
-        add(b("attn_v.weight"), "Q8_0", vec![D, KV * HD]);
-        add(b("attn_output.weight"), "Q4_1", vec![HEADS * HD, D]);
-        add(b("ffn_norm.weight"), "F32", vec![D]);
-        add(b("ffn_gate.weight"), "Q4_K", vec![D, FFN]);
-        add(b("ffn_up.weight"), "Q6_K", vec![D, FFN]);
-        add(b("ffn_down.weight"), "Q8_0", vec![FFN, D]);
-        if arch == "gemma3" {
-            add(b("attn_q_norm.weight"), "F32", vec![HD]);
-            add(b("attn_k_norm.weight"), "F32", vec![HD]);
-            add(b("post_attention_norm.weight"), "F32", vec![D]);
-            add(b("post_ffw_norm.weight"), "F32", vec![D]);
-        }
-    }
-    Spec {
-        metadata: m,
-        tensors: t,
-        mixes: BTreeMap::new(),
-    }
-}
-
-fn model(arch: &str, layers: u64, seed: u64) -> (Gguf, BoundGraph) {
-    let g = Gguf::from_bytes(synth::write(&spec(arch, layers), seed).expect("synth"))
-        .expect("synth GGUF parses");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let b = Graph::load(root.join("graphs").join(format!("{arch}.ron")))
-        .expect("graph")
-        .bind(&g)
-        .unwrap_or_else(|e| panic!("{e}"));
-    (g, b)
-}
 
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());

@@ -524,18 +524,24 @@ fn templates_cover_every_supported_dtype() {
 /// Not a check: prints decode (matrix × vector) bandwidth and prefill
 /// throughput of the variants on the adapter (run on a real GPU with
 /// `cargo test --release --test gpu_matmul -- --ignored --nocapture`).
+///
+/// matmul_vec runs alone (no sibling weights, default hook, XS 0 and 4096)
+/// at K=4096 with N=14336 (the Llama-3-8B feed-forward shape) and N=32768;
+/// every (WG, ROWS, SUBGROUPS, F16) variant prints a line, then one summary
+/// line per shape and dtype gives the fastest variant and the one the
+/// planner picks (its last knob values). `KILN_SPEED_DTYPES=Q4_0,Q4_K`
+/// limits the dtypes; `KILN_SPEED_TILED=0` skips matmul_tiled.
 #[test]
 #[ignore]
 fn print_speed() {
     let mut rng = Rng(fresh_seed());
     let ctx = gpu_contexts().pop().expect("all features");
     let reps = 100u32;
-    let time = |k: &Kernel, bufs: &[&wgpu::Buffer], groups: [u32; 3]| -> f64 {
-        let bind = k.bind(&ctx, bufs);
+    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| -> f64 {
         let run = |n: u32| {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             for _ in 0..n {
-                k.dispatch(&mut enc, &bind, groups);
+                k.dispatch(&mut enc, bind, groups);
             }
             let t0 = std::time::Instant::now();
             ctx.queue.submit([enc.finish()]);
@@ -548,43 +554,106 @@ fn print_speed() {
         run(reps);
         (run(reps + 10) - run(10)) / reps as f64
     };
-    for (name, m, kk, n) in [
-        ("matmul_vec", 1, 4096, 32768),
-        ("matmul_tiled", 512, 2048, 2048),
-    ] {
-        let t = codegen::template(name).unwrap();
-        for dt in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q6_K"] {
-            let d = DType::from_name(dt).unwrap();
-            let wbytes = random_weights(&mut rng, d, n, kk);
-            let wb = kernel::storage(&ctx, "w", &wbytes);
-            let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(m * kk)));
-            let yb = kernel::poisoned(&ctx, "y", m * n);
-            let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, n as u32, 0, n as u32]);
-            for knobs in t.variants(&caps(&ctx)).unwrap() {
-                if knobs["DTYPE"] != dt {
-                    continue;
+    let all = [
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K",
+        "Q4_K", "Q5_K", "Q6_K",
+    ];
+    let want = std::env::var("KILN_SPEED_DTYPES").ok();
+    let dtypes: Vec<&str> = all
+        .into_iter()
+        .filter(|d| want.as_ref().is_none_or(|w| w.split(',').any(|x| x == *d)))
+        .collect();
+
+    // matmul_vec: (token rows, K, N).
+    let t = codegen::template("matmul_vec").unwrap();
+    let (kk, n_max) = (4096usize, 32768usize);
+    let mut summary = Vec::new();
+    for &dt in &dtypes {
+        let d = DType::from_name(dt).unwrap();
+        let wbytes = random_weights(&mut rng, d, n_max, kk);
+        let row_bytes = wbytes.len() / n_max;
+        let wb = kernel::storage(&ctx, "w", &wbytes);
+        let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
+        let yb = kernel::poisoned(&ctx, "y", n_max);
+        let mut variants = Vec::new();
+        for xs in ["0", "4096"] {
+            let fixed: Knobs = [
+                ("DTYPE", dt),
+                ("DTYPE_B", "NONE"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "0"),
+                ("XS", xs),
+            ]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+            variants.extend(t.variants_pinned(&fixed, &caps(&ctx)).unwrap());
+        }
+        let kernels: Vec<Kernel> = variants.iter().map(|kn| build(&ctx, &t, kn)).collect();
+        for n in [14336usize, n_max] {
+            let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
+            let mut best = (0.0f64, String::new());
+            let mut picked = 0.0;
+            for (knobs, k) in variants.iter().zip(&kernels) {
+                let bind = k.bind_at(&ctx, &[(0, &wb), (3, &xb), (4, &yb), (5, &pb)]);
+                let mut g = spread((n as u32).div_ceil(knob(knobs, "ROWS")), 65535);
+                g[2] = 1;
+                let s = time(k, &bind, g);
+                let gbs = (n * row_bytes) as f64 / s / 1e9;
+                let name = variant_name(&t.name, knobs);
+                eprintln!("N={n:5} {name:75} {:8.1} us {gbs:8.1} GB/s", s * 1e6);
+                if gbs > best.0 {
+                    best = (gbs, name);
                 }
-                let k = build(&ctx, &t, &knobs);
-                let groups = if name == "matmul_vec" {
-                    let mut g = spread((n as u32).div_ceil(knob(&knobs, "ROWS")), 65535);
-                    g[2] = m as u32;
-                    g
-                } else {
-                    spread(
-                        (n as u32).div_ceil(knob(&knobs, "TN"))
-                            * (m as u32).div_ceil(knob(&knobs, "TM")),
-                        65535,
-                    )
-                };
-                let s = time(&k, &[&wb, &xb, &yb, &pb], groups);
-                eprintln!(
-                    "{:60} {:8.1} us {:8.1} GB/s {:8.2} TFLOP/s",
-                    variant_name(&t.name, &knobs),
-                    s * 1e6,
-                    wbytes.len() as f64 / s / 1e9,
-                    2.0 * (m * n * kk) as f64 / s / 1e12
-                );
+                let last = |kn: &str| t.knobs.iter().find(|x| x.name == kn).unwrap().values.last().cloned();
+                let pick = ["WG", "ROWS", "SUBGROUPS", "F16"]
+                    .iter()
+                    .all(|kn| Some(&knobs[*kn]) == last(kn).as_ref())
+                    && knobs["XS"] == "0";
+                if pick {
+                    picked = gbs;
+                }
             }
+            summary.push(format!(
+                "summary K=4096 N={n:5} {dt:7} planner's pick (XS=0) {picked:7.1} GB/s, best {:7.1} GB/s ({})",
+                best.0, best.1
+            ));
+        }
+    }
+    for l in &summary {
+        eprintln!("{l}");
+    }
+
+    if std::env::var("KILN_SPEED_TILED").is_ok_and(|v| v == "0") {
+        return;
+    }
+    let t = codegen::template("matmul_tiled").unwrap();
+    let (m, kk, n) = (512, 2048, 2048);
+    for &dt in &dtypes {
+        let d = DType::from_name(dt).unwrap();
+        let wbytes = random_weights(&mut rng, d, n, kk);
+        let wb = kernel::storage(&ctx, "w", &wbytes);
+        let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(m * kk)));
+        let yb = kernel::poisoned(&ctx, "y", m * n);
+        let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, n as u32, 0, n as u32]);
+        for knobs in t.variants(&caps(&ctx)).unwrap() {
+            if knobs["DTYPE"] != dt {
+                continue;
+            }
+            let k = build(&ctx, &t, &knobs);
+            let groups = spread(
+                (n as u32).div_ceil(knob(&knobs, "TN")) * (m as u32).div_ceil(knob(&knobs, "TM")),
+                65535,
+            );
+            let bind = k.bind(&ctx, &[&wb, &xb, &yb, &pb]);
+            let s = time(&k, &bind, groups);
+            eprintln!(
+                "{:60} {:8.1} us {:8.1} GB/s {:8.2} TFLOP/s",
+                variant_name(&t.name, &knobs),
+                s * 1e6,
+                wbytes.len() as f64 / s / 1e9,
+                2.0 * (m * n * kk) as f64 / s / 1e12
+            );
         }
     }
 }

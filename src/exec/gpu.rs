@@ -29,14 +29,20 @@ struct BucketState {
     kernels: Vec<Kernel>,
     /// Token rows the value buffers hold.
     capacity: usize,
-    /// Value buffers by root value id (reshapes alias their input).
-    values: HashMap<usize, wgpu::Buffer>,
+    /// The arenas every stored value lives in (liveness-planned).
+    arenas: Vec<wgpu::Buffer>,
+    /// Root value id (reshapes alias their input) → (arena, offset, bytes).
+    values: HashMap<usize, (usize, u64, u64)>,
+    /// Arena bytes, naive sum and lower bound of the current layout.
+    mem: [u64; 3],
     /// All launches' uniform words, each launch at an aligned slot.
     uniforms: Option<wgpu::Buffer>,
     /// Per launch: its slot (in u32 words) and bind group (kernels only).
     bound: Vec<Option<(usize, wgpu::BindGroup)>>,
     /// Scratch for the uniform words of one step (reused: no allocation).
     words: Vec<u32>,
+    /// The greedy argmax over the decode logits (decode bucket only).
+    greedy: Option<wgpu::BindGroup>,
 }
 
 /// Runs a bound graph on the GPU.
@@ -52,6 +58,45 @@ pub struct GpuBackend<'a> {
     n_ctx: usize,
     /// Staging buffer for readback (MAP_READ), grown on demand.
     staging: Option<(wgpu::Buffer, u64)>,
+    /// Greedy decode: argmax of the logits row on the GPU.
+    argmax: Kernel,
+    argmax_out: wgpu::Buffer,
+    argmax_params: wgpu::Buffer,
+}
+
+/// GPU memory of a [`GpuBackend`], in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Memory {
+    /// Weights as uploaded (raw blocks and f32 copies).
+    pub weights: u64,
+    /// Key and value caches.
+    pub kv: u64,
+    /// Arena bytes per bucket (decode, prefill), as placed.
+    pub arena: [u64; 2],
+    /// Sum of the stored values' sizes per bucket (no reuse).
+    pub naive: [u64; 2],
+    /// Lower bound per bucket (most bytes alive at one time).
+    pub lower: [u64; 2],
+}
+
+impl Memory {
+    /// Weights + KV cache + both arenas.
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv + self.arena[0] + self.arena[1]
+    }
+}
+
+static CREATED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn created(n: usize) {
+    CREATED.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// GPU objects (buffers, bind groups, shader modules, pipelines) the GPU
+/// backends of this process have created so far: a recorded decode step
+/// creates none.
+pub fn objects_created() -> usize {
+    CREATED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 impl<'a> GpuBackend<'a> {
@@ -99,6 +144,7 @@ impl<'a> GpuBackend<'a> {
             for k in &p.kernels {
                 let wgsl = k.build(&caps)?;
                 kernels.push(Kernel::from_wgsl(ctx, &k.name(), wgsl));
+                created(2);
             }
             buckets.push(BucketState {
                 bound: Vec::new(),
@@ -106,8 +152,11 @@ impl<'a> GpuBackend<'a> {
                 kernels,
                 capacity: 0,
                 values: HashMap::new(),
+                arenas: Vec::new(),
+                mem: [0; 3],
                 uniforms: None,
                 words: Vec::new(),
+                greedy: None,
             });
         }
         // Upload weights: raw chunks and/or f32 copies, as the plans need.
@@ -156,6 +205,12 @@ impl<'a> GpuBackend<'a> {
         }
         bar.finish_and_clear();
         let zeros = |n: usize, label: &str| kernel::storage(ctx, label, &vec![0u8; n * 4]);
+        let argmax = {
+            let t = crate::codegen::template("argmax").map_err(|e| Error::Gpu(e.to_string()))?;
+            let knobs = plan::choose(&t, &Default::default(), &caps)?;
+            Kernel::build(ctx, &t, &knobs)?
+        };
+        created(3);
         let k_cache = graph
             .caches
             .iter()
@@ -177,12 +232,35 @@ impl<'a> GpuBackend<'a> {
             pos: 0,
             n_ctx,
             staging: None,
+            argmax,
+            argmax_out: zeros(1, "argmax"),
+            argmax_params: kernel::uniform(ctx, "argmax params", &[1, graph.vocab as u32]),
         })
     }
 
     /// Kernel dispatches per step in the decode bucket.
     pub fn dispatches_per_decode_step(&self) -> usize {
         self.buckets[0].plan.dispatches()
+    }
+
+    /// GPU memory kiln holds: weights, KV cache, and per bucket (decode,
+    /// prefill) the arena with its naive sum and lower bound.
+    pub fn memory(&self) -> Memory {
+        let size = |b: &wgpu::Buffer| b.size();
+        let weights = self
+            .weights
+            .iter()
+            .map(|w| w.raw.iter().map(size).sum::<u64>() + w.f32.as_ref().map_or(0, size))
+            .sum();
+        let kv = self.k_cache.iter().chain(&self.v_cache).map(size).sum();
+        let m = |i: usize| [0, 1].map(|b| self.buckets[b].mem[i]);
+        Memory {
+            weights,
+            kv,
+            arena: m(0),
+            naive: m(1),
+            lower: m(2),
+        }
     }
 
     /// The plans (decode, prefill).
@@ -205,35 +283,29 @@ impl<'a> GpuBackend<'a> {
         let g = self.graph;
         let st = &mut self.buckets[b];
         st.values.clear();
-        for (v, desc) in g.values.iter().enumerate() {
-            let root = st.plan.value_buf[v];
-            if root != v
-                || !st
-                    .plan
-                    .value_buf
-                    .iter()
-                    .enumerate()
-                    .any(|(x, &r)| r == v && st.plan.made[x])
-            {
-                continue;
-            }
-            let bytes = (desc.numel(cap) * 4).max(4) as u64;
-            if bytes > max_binding {
-                return Err(Error::Input(format!(
-                    "{} tokens need {bytes} bytes for '{}', more than this adapter binds ({max_binding}); run the prompt in smaller pieces",
-                    cap, desc.name
-                )));
-            }
-            let buf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&desc.name),
-                size: bytes.div_ceil(4) * 4,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            st.values.insert(v, buf);
+        st.arenas.clear();
+        // Every stored value at its offset in an arena, from the liveness
+        // plan (aligned to the adapter's storage offset alignment).
+        let align = self.ctx.limits.min_storage_buffer_offset_alignment.max(4) as u64;
+        let (ids, _iv, layout) = plan::report::layout(g, &st.plan, cap, align, max_binding)?;
+        for (i, &size) in layout.arenas.iter().enumerate() {
+            st.arenas
+                .push(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some(&format!("arena {i}")),
+                    size: size.max(4),
+                    usage: wgpu::BufferUsages::STORAGE
+                        | wgpu::BufferUsages::COPY_SRC
+                        | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }));
+            created(1);
         }
+        for (j, &v) in ids.iter().enumerate() {
+            let pl = &layout.placements[j];
+            let bytes = (g.values[v].numel(cap) * 4).max(4) as u64;
+            st.values.insert(v, (pl.arena, pl.offset, bytes));
+        }
+        st.mem = [layout.peak, layout.naive, layout.lower_bound];
         st.capacity = cap;
         // One uniform buffer; each launch's words at an aligned slot.
         let align = (self.ctx.limits.min_uniform_buffer_offset_alignment.max(16) / 4) as usize;
@@ -257,6 +329,7 @@ impl<'a> GpuBackend<'a> {
         let mut bound = Vec::new();
         let bufs = Bufs {
             values: &st.values,
+            arenas: &st.arenas,
             weights: &self.weights,
             k: &self.k_cache,
             v: &self.v_cache,
@@ -280,7 +353,7 @@ impl<'a> GpuBackend<'a> {
                         }
                         entries.push(wgpu::BindGroupEntry {
                             binding: i as u32,
-                            resource: bufs.get(bnd)?.as_entire_binding(),
+                            resource: bufs.binding(bnd)?,
                         });
                     }
                     entries.push(wgpu::BindGroupEntry {
@@ -303,6 +376,7 @@ impl<'a> GpuBackend<'a> {
                             layout: &k.pipeline.get_bind_group_layout(0),
                             entries: &entries,
                         });
+                    created(1);
                     Some((*slot, bg))
                 }
                 _ => None,
@@ -310,13 +384,42 @@ impl<'a> GpuBackend<'a> {
         }
         st.bound = bound;
         st.uniforms = Some(ubuf);
+        created(1);
+        st.greedy = None;
+        if st.plan.bucket == Bucket::One {
+            let logits = bufs.binding(&Buf::Value(st.plan.value_buf[g.output]))?;
+            created(1);
+            st.greedy = Some(
+                self.ctx
+                    .device
+                    .create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: Some("greedy argmax"),
+                        layout: &self.argmax.pipeline.get_bind_group_layout(0),
+                        entries: &[
+                            wgpu::BindGroupEntry {
+                                binding: 0,
+                                resource: logits,
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 1,
+                                resource: self.argmax_out.as_entire_binding(),
+                            },
+                            wgpu::BindGroupEntry {
+                                binding: 2,
+                                resource: self.argmax_params.as_entire_binding(),
+                            },
+                        ],
+                    }),
+            );
+        }
         Ok(())
     }
 }
 
 /// The buffers a plan's [`Buf`]s name.
 struct Bufs<'b> {
-    values: &'b HashMap<usize, wgpu::Buffer>,
+    values: &'b HashMap<usize, (usize, u64, u64)>,
+    arenas: &'b [wgpu::Buffer],
     weights: &'b [WeightBufs],
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
@@ -324,14 +427,38 @@ struct Bufs<'b> {
 }
 
 impl<'b> Bufs<'b> {
-    fn get(&self, b: &Buf) -> Result<&'b wgpu::Buffer> {
-        resolve(b, self.values, self.weights, self.k, self.v, self.dummy)
+    /// The buffer, the byte offset in it and the size (`None`: to the end).
+    fn get(&self, b: &Buf) -> Result<(&'b wgpu::Buffer, u64, Option<u64>)> {
+        if let Buf::Value(i) = b {
+            let (a, off, size) = self.values.get(i).ok_or_else(|| {
+                Error::Gpu(format!("plan refers to a value that was not placed: {b:?}"))
+            })?;
+            let arena = self
+                .arenas
+                .get(*a)
+                .ok_or_else(|| Error::Gpu(format!("no arena {a}")))?;
+            return Ok((arena, *off, Some(*size)));
+        }
+        Ok((
+            resolve(b, self.weights, self.k, self.v, self.dummy)?,
+            0,
+            None,
+        ))
+    }
+
+    /// A binding of `b`.
+    fn binding(&self, b: &Buf) -> Result<wgpu::BindingResource<'b>> {
+        let (buffer, offset, size) = self.get(b)?;
+        Ok(wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer,
+            offset,
+            size: size.and_then(wgpu::BufferSize::new),
+        }))
     }
 }
 
 fn resolve<'b>(
     b: &Buf,
-    values: &'b HashMap<usize, wgpu::Buffer>,
     weights: &'b [WeightBufs],
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
@@ -339,7 +466,7 @@ fn resolve<'b>(
 ) -> Result<&'b wgpu::Buffer> {
     let missing = || Error::Gpu(format!("plan refers to a buffer that was not made: {b:?}"));
     match b {
-        Buf::Value(i) => values.get(i).ok_or_else(missing),
+        Buf::Value(_) => Err(missing()),
         Buf::Raw { weight, chunk } => weights
             .get(*weight)
             .and_then(|w| w.raw.get(*chunk))
@@ -355,8 +482,11 @@ fn resolve<'b>(
     }
 }
 
-impl crate::session::Backend for GpuBackend<'_> {
-    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Logits> {
+impl GpuBackend<'_> {
+    /// Check the tokens, write the step's inputs and uniforms, and encode
+    /// every launch of the step's bucket (no submit). Returns the encoder
+    /// and the bucket index.
+    fn encode_step(&mut self, tokens: &[u32]) -> Result<(wgpu::CommandEncoder, usize)> {
         let g = self.graph;
         let t = tokens.len();
         if t == 0 {
@@ -382,14 +512,15 @@ impl crate::session::Backend for GpuBackend<'_> {
         let st = &mut self.buckets[b];
         let bufs = Bufs {
             values: &st.values,
+            arenas: &st.arenas,
             weights: &self.weights,
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
         };
-        let tok_buf = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
+        let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
         ctx.queue
-            .write_buffer(tok_buf, 0, bytemuck::cast_slice(tokens));
+            .write_buffer(tok_buf, tok_off, bytemuck::cast_slice(tokens));
         // This step's uniform words, all launches at once.
         for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             if let (Launch::Kernel { params, .. }, Some((slot, _))) = (l, bound) {
@@ -445,11 +576,13 @@ impl crate::session::Backend for GpuBackend<'_> {
                     pass = None;
                     let n = size.at(t, pos0);
                     if n > 0 {
+                        let (sb, so, _) = bufs.get(src)?;
+                        let (db, dof, _) = bufs.get(dst)?;
                         enc.copy_buffer_to_buffer(
-                            bufs.get(src)?,
-                            src_off.at(t, pos0),
-                            bufs.get(dst)?,
-                            dst_off.at(t, pos0),
+                            sb,
+                            so + src_off.at(t, pos0),
+                            db,
+                            dof + dst_off.at(t, pos0),
                             n,
                         );
                     }
@@ -458,17 +591,16 @@ impl crate::session::Backend for GpuBackend<'_> {
         }
         drop(pass);
         self.pos += t;
-        // Read back only the rows asked for.
-        let out = &g.values[g.output];
-        let vocab = out.last(1);
-        debug_assert!(out.kind == Kind::F32 && out.shape.first() == Some(&Dim::Tokens));
-        let obuf = bufs.get(&Buf::Value(st.plan.value_buf[g.output]))?;
-        let (first, rows) = if last_only { (t - 1, 1) } else { (0, t) };
-        let bytes = (rows * vocab * 4) as u64;
+        Ok((enc, b))
+    }
+
+    /// Make the readback buffer hold `bytes`.
+    fn staging(&mut self, bytes: u64) -> Result<&wgpu::Buffer> {
         if self.staging.as_ref().is_none_or(|s| s.1 < bytes) {
             let size = bytes.max(4);
+            created(1);
             self.staging = Some((
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
                     label: Some("readback"),
                     size,
                     usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
@@ -477,13 +609,66 @@ impl crate::session::Backend for GpuBackend<'_> {
                 size,
             ));
         }
+        self.staging
+            .as_ref()
+            .map(|s| &s.0)
+            .ok_or_else(|| Error::Gpu("no readback buffer".into()))
+    }
+}
+
+impl crate::session::Backend for GpuBackend<'_> {
+    fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Logits> {
+        let t = tokens.len();
+        let (mut enc, b) = self.encode_step(tokens)?;
+        let g = self.graph;
+        // Read back only the rows asked for.
+        let out = &g.values[g.output];
+        let vocab = out.last(1);
+        debug_assert!(out.kind == Kind::F32 && out.shape.first() == Some(&Dim::Tokens));
+        let (first, rows) = if last_only { (t - 1, 1) } else { (0, t) };
+        let bytes = (rows * vocab * 4) as u64;
+        self.staging(bytes)?;
+        let st = &self.buckets[b];
+        let &(arena, off, _) = st
+            .values
+            .get(&st.plan.value_buf[g.output])
+            .ok_or_else(|| Error::Gpu("the output buffer was not made".into()))?;
+        let obuf = &st.arenas[arena];
         let Some((staging, _)) = &self.staging else {
             return Err(Error::Gpu("no readback buffer".into()));
         };
-        enc.copy_buffer_to_buffer(obuf, (first * vocab * 4) as u64, staging, 0, bytes);
-        ctx.queue.submit([enc.finish()]);
-        let data = kernel::read_mapped(ctx, staging, rows * vocab)?;
+        enc.copy_buffer_to_buffer(obuf, off + (first * vocab * 4) as u64, staging, 0, bytes);
+        self.ctx.queue.submit([enc.finish()]);
+        let data = kernel::read_mapped(self.ctx, staging, rows * vocab)?;
         Ok(Logits { data, vocab })
+    }
+
+    /// One token: the argmax of the last logits row runs on the GPU and
+    /// only its 4-byte id is read back.
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32> {
+        if tokens.len() != 1 {
+            let l = self.forward(tokens, true)?;
+            return Ok(crate::reference::ops::argmax(l.row(0), l.vocab)[0] as u32);
+        }
+        let (mut enc, b) = self.encode_step(tokens)?;
+        self.staging(4)?;
+        let st = &self.buckets[b];
+        let Some(bg) = &st.greedy else {
+            return Err(Error::Gpu("the greedy argmax was not bound".into()));
+        };
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&self.argmax.pipeline);
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        let Some((staging, _)) = &self.staging else {
+            return Err(Error::Gpu("no readback buffer".into()));
+        };
+        enc.copy_buffer_to_buffer(&self.argmax_out, 0, staging, 0, 4);
+        self.ctx.queue.submit([enc.finish()]);
+        let id = kernel::read_mapped(self.ctx, staging, 1)?;
+        Ok(id[0].to_bits())
     }
 
     fn reset(&mut self) {

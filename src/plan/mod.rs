@@ -157,6 +157,10 @@ pub struct KernelRef {
     pub hooks: Hooks,
     /// What the hooks fuse, for names and headers (e.g. `rms_norm+qkv`).
     pub fused: String,
+    /// Bindings that hold values: declared read_write, since values share
+    /// arenas and wgpu forbids one buffer being read-only and writable in
+    /// the same dispatch. Weights stay read-only.
+    pub arena_bindings: Vec<u32>,
 }
 
 impl KernelRef {
@@ -177,9 +181,15 @@ impl KernelRef {
     /// Generate and validate the WGSL.
     pub fn build(&self, caps: &Caps) -> Result<String> {
         let t = codegen::template(&self.template).map_err(|e| Error::Gpu(e.to_string()))?;
-        let wgsl = t
+        let mut wgsl = t
             .generate_hooked(&self.knobs, &self.hooks)
             .map_err(|e| Error::Gpu(e.to_string()))?;
+        for b in &self.arena_bindings {
+            wgsl = wgsl.replace(
+                &format!("@binding({b}) var<storage, read>"),
+                &format!("@binding({b}) var<storage, read_write>"),
+            );
+        }
         codegen::validate(&wgsl, caps).map_err(|m| {
             Error::Gpu(format!(
                 "kernel {} (fusing {}): {m}",
@@ -280,6 +290,7 @@ impl Builder {
         fixed: &[(&str, &str)],
         hooks: Hooks,
         fused: &str,
+        arena_bindings: Vec<u32>,
     ) -> Result<(usize, Knobs)> {
         let t = self
             .templates
@@ -295,6 +306,7 @@ impl Builder {
             knobs: knobs.clone(),
             hooks,
             fused: fused.into(),
+            arena_bindings,
         };
         let i = match self.kernels.iter().position(|k| *k == r) {
             Some(i) => i,
@@ -340,7 +352,13 @@ impl Builder {
         params: Vec<Word>,
         groups: impl FnOnce(&Knobs) -> Groups,
     ) -> Result<()> {
-        let (kernel, knobs) = self.kernel(template, fixed, hooks, fused)?;
+        let arena = binds
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| matches!(b, Buf::Value(_)))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let (kernel, knobs) = self.kernel(template, fixed, hooks, fused, arena)?;
         self.launches.push(Launch::Kernel {
             kernel,
             binds,
