@@ -110,6 +110,11 @@ enum Cmd {
         /// Random seed for sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Instead of generating: run the prompt and N greedy decode steps
+        /// twice, with the fused recorded plan and a fresh unfused one, and
+        /// name the first tensor whose values differ beyond tolerance.
+        #[arg(long, value_name = "N")]
+        verify_replay: Option<usize>,
         /// The prompt.
         prompt: String,
     },
@@ -146,6 +151,10 @@ enum Cmd {
         /// Prompt length for the prefill timing.
         #[arg(long, default_value_t = 512)]
         prefill: usize,
+        /// Replay a recorded stream (`kiln plan --stream-out FILE`) instead
+        /// of planning.
+        #[arg(long)]
+        stream: Option<PathBuf>,
     },
     /// Write a synthetic model: `--like M.gguf --spec-out S.json` extracts a
     /// model's shape; `--spec S.json --out X.gguf` writes random valid weights
@@ -185,6 +194,9 @@ enum Cmd {
         /// Also write the fused decode graph as Graphviz (groups as clusters).
         #[arg(long)]
         dot: Option<PathBuf>,
+        /// Also write the recorded stream (both plans) for `kiln bench --stream`.
+        #[arg(long)]
+        stream_out: Option<PathBuf>,
     },
     /// Write every WGSL kernel the model's plans use (decode and prefill).
     Kernels {
@@ -259,10 +271,35 @@ fn run(cli: Cli) -> Result<()> {
             top_k,
             top_p,
             seed,
+            verify_replay,
             prompt,
         } => {
             let model = load(&m)?;
             let ids = model.tokenizer.encode(&prompt)?;
+            if let Some(steps) = verify_replay {
+                let ctx = GpuContext::new(&cli.gpu.options()?)?;
+                let r = kiln::exec::verify::verify_replay(
+                    &ctx,
+                    &model.bound,
+                    &model.gguf,
+                    &ids,
+                    steps,
+                    &m.fusion()?,
+                )?;
+                return match r.first {
+                    None => {
+                        println!(
+                            "replay verified: {} decode steps, {} tensors compared, fused equals unfused within {:e} (worst {:.3e} at '{}')",
+                            r.steps, r.compared, r.tol, r.worst.0, r.worst.1
+                        );
+                        Ok(())
+                    }
+                    Some(x) => Err(Error::Gpu(format!(
+                        "replay differs at decode step {}: tensor '{}' has relative L2 error {:.3e} > {:e} against the unfused plan; bisect with --no-fuse PASS",
+                        x.step, x.value, x.err, r.tol
+                    ))),
+                };
+            }
             let mut sampler = Sampler::new(temp, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
             let (_, stats) = with_backend(&m, &cli.gpu, &model, m.ctx, &mut |backend| {
@@ -338,8 +375,18 @@ fn run(cli: Cli) -> Result<()> {
             mix,
             seed,
         } => synth(like, spec_out, spec, out, &mix, seed),
-        Cmd::Bench { m, decode, prefill } => bench(&m, &cli.gpu, decode, prefill),
-        Cmd::Plan { m, prefill, dot } => {
+        Cmd::Bench {
+            m,
+            decode,
+            prefill,
+            stream,
+        } => bench(&m, &cli.gpu, decode, prefill, stream.as_deref()),
+        Cmd::Plan {
+            m,
+            prefill,
+            dot,
+            stream_out,
+        } => {
             let model = load(&m)?;
             let opts = m.fusion()?;
             let ctx = GpuContext::new(&cli.gpu.options()?)?;
@@ -359,6 +406,12 @@ fn run(cli: Cli) -> Result<()> {
             );
             if let Some(p) = dot {
                 std::fs::write(&p, report::dot(&model.bound, &decode))
+                    .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+                eprintln!("wrote {}", p.display());
+            }
+            if let Some(p) = stream_out {
+                let text = kiln::plan::stream::to_json(&model.bound, &[decode, pre])?;
+                std::fs::write(&p, text)
                     .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
                 eprintln!("wrote {}", p.display());
             }
@@ -504,7 +557,13 @@ fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn bench(m: &ModelArgs, gpu: &GpuArgs, decode: usize, prefill: usize) -> Result<()> {
+fn bench(
+    m: &ModelArgs,
+    gpu: &GpuArgs,
+    decode: usize,
+    prefill: usize,
+    stream: Option<&Path>,
+) -> Result<()> {
     use std::time::Instant;
     let path = match &m.model {
         Some(p) => p.clone(),
@@ -519,8 +578,18 @@ fn bench(m: &ModelArgs, gpu: &GpuArgs, decode: usize, prefill: usize) -> Result<
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
     let n_ctx = prefill.max(8 + decode) + 1;
-    let mut b =
-        GpuBackend::with_fusion(&ctx, &model.bound, &model.gguf, n_ctx, false, &m.fusion()?)?;
+    let mut b = match stream {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+            let plans = kiln::plan::stream::from_json(&model.bound, &text)?;
+            eprintln!("replaying the stream {}", p.display());
+            GpuBackend::with_plans(&ctx, &model.bound, &model.gguf, n_ctx, false, plans)?
+        }
+        None => {
+            GpuBackend::with_fusion(&ctx, &model.bound, &model.gguf, n_ctx, false, &m.fusion()?)?
+        }
+    };
     let vocab = model.bound.vocab as u64;
     // Deterministic pseudo-random prompt ids.
     let ids: Vec<u32> = (0..prefill as u64)

@@ -65,3 +65,30 @@ fn run_defaults_to_gpu_and_matches_the_cpu_oracle() {
     assert!(gpu_err.contains("kiln: GPU "), "stderr: {gpu_err}");
     assert!(gpu_err.contains("tok/s"), "stderr: {gpu_err}");
 }
+
+/// `--verify-replay 16`: the fused, recorded decode of SmolLM2 equals a
+/// fresh unfused plan tensor by tensor over 16 steps.
+#[test]
+fn verify_replay_16_steps() {
+    let model = common::model_path(common::SMOLLM2);
+    let out = kiln()
+        .args(["run", "--verify-replay", "16", "--model"])
+        .arg(&model)
+        .arg("The capital of France is")
+        .output()
+        .expect("the kiln binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(
+        stdout.contains("replay verified: 16 decode steps"),
+        "stdout: {stdout}"
+    );
+    // Every step compares the stored tensors (not zero of them).
+    let compared: usize = stdout
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" tensors compared"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(compared >= 16 * 30, "stdout: {stdout}");
+}

@@ -605,7 +605,15 @@ fn print_speed() {
                 if gbs > best.0 {
                     best = (gbs, name);
                 }
-                let last = |kn: &str| t.knobs.iter().find(|x| x.name == kn).unwrap().values.last().cloned();
+                let last = |kn: &str| {
+                    t.knobs
+                        .iter()
+                        .find(|x| x.name == kn)
+                        .unwrap()
+                        .values
+                        .last()
+                        .cloned()
+                };
                 let pick = ["WG", "ROWS", "SUBGROUPS", "F16"]
                     .iter()
                     .all(|kn| Some(&knobs[*kn]) == last(kn).as_ref())

@@ -121,3 +121,35 @@ fn arena_peak_near_lower_bound() {
         }
     }
 }
+
+/// A recorded stream round-trips through its file format, and a stream for
+/// another model or a damaged one is refused with the fix.
+#[test]
+fn stream_files_round_trip_and_are_checked() {
+    use kiln::plan::stream;
+    let (_g, b) = bound(SMOLLM2, "llama.ron");
+    let caps = Caps::feature_sets(1024, 32 << 10)[3];
+    let plans = vec![
+        plan(&b, Bucket::One, caps, MAX_BINDING).unwrap(),
+        plan(&b, Bucket::Many, caps, MAX_BINDING).unwrap(),
+    ];
+    let text = stream::to_json(&b, &plans).unwrap();
+    let back = stream::from_json(&b, &text).unwrap();
+    for (a, c) in plans.iter().zip(&back) {
+        assert_eq!(a.launches, c.launches);
+        assert_eq!(a.kernels, c.kernels);
+        assert_eq!(a.made, c.made);
+    }
+    let (_g2, other) = bound(GEMMA3, "gemma3.ron");
+    let e = stream::from_json(&other, &text).unwrap_err().to_string();
+    assert!(
+        e.contains("another model") && e.contains("--stream-out"),
+        "{e}"
+    );
+    let damaged = text.replacen("\"kernel\":0,", "\"kernel\":99999,", 1);
+    assert_ne!(damaged, text);
+    let e = stream::from_json(&b, &damaged).unwrap_err().to_string();
+    assert!(e.contains("damaged stream"), "{e}");
+    let e = stream::from_json(&b, "{}").unwrap_err().to_string();
+    assert!(e.contains("not a kiln stream"), "{e}");
+}

@@ -58,6 +58,9 @@ pub struct GpuBackend<'a> {
     n_ctx: usize,
     /// Staging buffer for readback (MAP_READ), grown on demand.
     staging: Option<(wgpu::Buffer, u64)>,
+    /// Give every value its own bytes (no reuse), so that any value can be
+    /// read back after a step (`--verify-replay`).
+    keep_values: bool,
     /// Greedy decode: argmax of the logits row on the GPU.
     argmax: Kernel,
     argmax_out: wgpu::Buffer,
@@ -134,14 +137,45 @@ impl<'a> GpuBackend<'a> {
             .limits
             .max_storage_buffer_binding_size
             .min(ctx.limits.max_buffer_size);
-        let plans = [
+        let plans = vec![
             plan::plan_with(graph, Bucket::One, caps, max_binding, fuse)?,
             plan::plan_with(graph, Bucket::Many, caps, max_binding, fuse)?,
         ];
+        Self::with_plans(ctx, graph, gguf, n_ctx, progress, plans)
+    }
+
+    /// Run recorded plans (decode, prefill), e.g. from a stream file
+    /// ([`crate::plan::stream`]), without planning.
+    pub fn with_plans(
+        ctx: &'a GpuContext,
+        graph: &'a BoundGraph,
+        gguf: &Gguf,
+        n_ctx: usize,
+        progress: bool,
+        plans: Vec<Plan>,
+    ) -> Result<Self> {
+        let n_ctx = n_ctx.min(graph.max_context);
+        let caps = kernel::caps(ctx);
+        if plans.len() != 2 || plans[0].bucket != Bucket::One || plans[1].bucket != Bucket::Many {
+            return Err(Error::Input(
+                "expected a decode plan and a prefill plan, in that order".into(),
+            ));
+        }
         let mut buckets = Vec::new();
         for p in plans {
             let mut kernels = Vec::new();
             for k in &p.kernels {
+                let t =
+                    crate::codegen::template(&k.template).map_err(|e| Error::Gpu(e.to_string()))?;
+                if !t
+                    .legal(&k.knobs, &caps)
+                    .map_err(|e| Error::Gpu(e.to_string()))?
+                {
+                    return Err(Error::Input(format!(
+                        "kernel {} cannot run on this adapter or feature set (it was planned for another); plan again (record the stream again on this machine)",
+                        k.name()
+                    )));
+                }
                 let wgsl = k.build(&caps)?;
                 kernels.push(Kernel::from_wgsl(ctx, &k.name(), wgsl));
                 created(2);
@@ -232,6 +266,7 @@ impl<'a> GpuBackend<'a> {
             pos: 0,
             n_ctx,
             staging: None,
+            keep_values: false,
             argmax,
             argmax_out: zeros(1, "argmax"),
             argmax_params: kernel::uniform(ctx, "argmax params", &[1, graph.vocab as u32]),
@@ -241,6 +276,35 @@ impl<'a> GpuBackend<'a> {
     /// Kernel dispatches per step in the decode bucket.
     pub fn dispatches_per_decode_step(&self) -> usize {
         self.buckets[0].plan.dispatches()
+    }
+
+    /// Keep every value readable after a step (no arena reuse; for
+    /// verification). Takes effect for buckets not yet used.
+    pub fn keep_values(&mut self, on: bool) {
+        self.keep_values = on;
+    }
+
+    /// A value of the last decode (T = 1) step, if this plan stores it and
+    /// the backend keeps values ([`GpuBackend::keep_values`]).
+    pub fn read_value(&mut self, v: usize) -> Result<Option<Vec<f32>>> {
+        let st = &self.buckets[0];
+        if !st.plan.made.get(v).copied().unwrap_or(false) {
+            return Ok(None);
+        }
+        let Some(&(arena, off, bytes)) = st.values.get(&st.plan.value_buf[v]) else {
+            return Ok(None);
+        };
+        let n = self.graph.values[v].numel(1);
+        let bytes = bytes.min((n * 4) as u64);
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        self.staging(bytes)?;
+        let st = &self.buckets[0];
+        let Some((staging, _)) = &self.staging else {
+            return Err(Error::Gpu("no readback buffer".into()));
+        };
+        enc.copy_buffer_to_buffer(&st.arenas[arena], off, staging, 0, bytes);
+        self.ctx.queue.submit([enc.finish()]);
+        Ok(Some(kernel::read_mapped(self.ctx, staging, n)?))
     }
 
     /// GPU memory kiln holds: weights, KV cache, and per bucket (decode,
@@ -287,7 +351,27 @@ impl<'a> GpuBackend<'a> {
         // Every stored value at its offset in an arena, from the liveness
         // plan (aligned to the adapter's storage offset alignment).
         let align = self.ctx.limits.min_storage_buffer_offset_alignment.max(4) as u64;
-        let (ids, _iv, layout) = plan::report::layout(g, &st.plan, cap, align, max_binding)?;
+        let (ids, _iv, mut layout) = plan::report::layout(g, &st.plan, cap, align, max_binding)?;
+        if self.keep_values {
+            // Every value its own bytes, packed into arenas in order.
+            let mut arenas: Vec<u64> = vec![0];
+            for (j, iv) in _iv.iter().enumerate() {
+                let size = iv.size.max(1).div_ceil(align) * align;
+                let mut end = *arenas.last().unwrap_or(&0);
+                if end + size > max_binding && end > 0 {
+                    arenas.push(0);
+                    end = 0;
+                }
+                let a = arenas.len() - 1;
+                layout.placements[j] = crate::alloc::Placement {
+                    arena: a,
+                    offset: end,
+                };
+                arenas[a] = end + size;
+            }
+            layout.peak = arenas.iter().sum();
+            layout.arenas = arenas;
+        }
         for (i, &size) in layout.arenas.iter().enumerate() {
             st.arenas
                 .push(self.ctx.device.create_buffer(&wgpu::BufferDescriptor {

@@ -26,7 +26,7 @@ use crate::graph::ir::{BoundGraph, BoundOp, Dim, ValueId};
 pub const PASSES: [&str; 5] = ["siblings", "gated", "epilogue", "prologue", "attention"];
 
 /// One dispatch of a fused schedule (before weight chunking).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Group {
     /// A node planned on its own.
     Single(usize),
@@ -37,7 +37,7 @@ pub enum Group {
 }
 
 /// A fused matrix × vector group.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Matvec {
     /// MatMul nodes (1 to 3) reading the same input: weights A, B, C.
     pub mats: Vec<usize>,
@@ -54,7 +54,7 @@ pub struct Matvec {
 
 /// A fused decode attention: the attention node and the nodes between it
 /// and the q, k, v projections (reshapes, per-head norms, rope).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AttnPrep {
     /// The Attention node.
     pub attn: usize,

@@ -17,11 +17,12 @@ use crate::graph::ir::{BoundGraph, BoundOp, Dim, RopeMode, Unary};
 pub mod fuse;
 mod hooks;
 pub mod report;
+pub mod stream;
 
 pub use fuse::{FuseOptions, Group, PASSES};
 
 /// Which kernels a plan uses: decode (T = 1) or prefill (T > 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Bucket {
     /// One token per step.
     One,
@@ -30,7 +31,7 @@ pub enum Bucket {
 }
 
 /// `t·T + p·pos0 + c`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct Lin {
     /// Coefficient of T.
     pub t: u64,
@@ -60,7 +61,7 @@ impl Lin {
 }
 
 /// One 32-bit word of a kernel's uniform parameters.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Word {
     /// An integer.
     U(Lin),
@@ -69,7 +70,7 @@ pub enum Word {
 }
 
 /// How many workgroups a launch takes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Groups {
     /// `ceil(n / div)` groups spread over x and y, and `z` in z.
     Linear {
@@ -92,7 +93,7 @@ pub enum Groups {
 }
 
 /// A buffer a launch reads or writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Buf {
     /// An intermediate value (after aliasing: reshapes share their input's).
     Value(usize),
@@ -116,7 +117,7 @@ pub enum Buf {
 }
 
 /// One step of a plan.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Launch {
     /// A kernel dispatch.
     Kernel {
@@ -147,7 +148,7 @@ pub enum Launch {
 }
 
 /// A kernel variant the plan uses.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct KernelRef {
     /// Template name.
     pub template: String,
@@ -202,7 +203,7 @@ impl KernelRef {
 }
 
 /// How a weight is stored on the GPU.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WeightPlan {
     /// Raw chunks: (first row, rows); rows are GGML dims[1..] flattened.
     pub chunks: Vec<(usize, usize)>,
@@ -215,7 +216,7 @@ pub struct WeightPlan {
 }
 
 /// A plan for one bucket.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// The bucket.
     pub bucket: Bucket,
