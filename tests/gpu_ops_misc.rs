@@ -236,7 +236,11 @@ fn attention_all_variants() {
         attn((70, 2, 1, 64, 64, 0, 50), 0.0),
         attn((1, 4, 1, 64, 64, 2000, 0), 0.0),
     ];
-    each_variant("attention", |ctx, k, _knobs, label| {
+    each_variant("attention", |ctx, k, knobs, label| {
+        if knobs["PREP"] == "1" {
+            attention_prep(ctx, k, knobs, label, &shapes, &mut rng);
+            return;
+        }
         for (case, a) in shapes.iter().enumerate() {
             let Attn {
                 t,
@@ -304,6 +308,143 @@ fn attention_all_variants() {
             );
         }
     });
+}
+
+/// Fused decode attention (PREP=1): raw q, k, v of the current token, the
+/// per-head norms and rope applied in the kernel, the KV-cache rows of the
+/// position written, against the CPU ops applied one after another.
+fn attention_prep(
+    ctx: &GpuContext,
+    k: &Kernel,
+    knobs: &Knobs,
+    label: &str,
+    shapes: &[Attn],
+    rng: &mut Rng,
+) {
+    let qnorm = knobs["QNORM"] == "1";
+    let knorm = knobs["KNORM"] == "1";
+    let mode = match knobs["ROPE"].as_str() {
+        "NORMAL" => Some(RopeMode::Normal),
+        "NEOX" => Some(RopeMode::Neox),
+        _ => None,
+    };
+    let eps = 1e-6f32;
+    let (base, rscale) = (10000.0f32, 0.5f32);
+    for a in shapes.iter().filter(|a| a.t == 1 && a.d == a.dv) {
+        let Attn {
+            h,
+            hkv,
+            d,
+            dv,
+            pos0,
+            window,
+            softcap,
+            ..
+        } = *a;
+        // Rotate part of the head when the head is large.
+        let dims = if d > 64 { d / 2 } else { d };
+        let n_ctx = pos0 + 3;
+        let q_raw = scaled(rng, h * d, 3.0);
+        let k_raw = scaled(rng, hkv * d, 1.0);
+        let v_raw = rng.vec(hkv * dv);
+        let mut kc = scaled(rng, n_ctx * hkv * d, 1.0);
+        let mut vc = rng.vec(n_ctx * hkv * dv);
+        let qw: Vec<f32> = rng.vec(d).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let kw: Vec<f32> = rng.vec(d).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let prep = |x: &[f32], heads: usize, norm: Option<&[f32]>| {
+            let mut y = match norm {
+                Some(w) => ops::rms_norm(x, d, Some(w), eps as f64),
+                None => x.to_vec(),
+            };
+            if let Some(m) = mode {
+                ops::rope(&mut y, heads, d, pos0, m, base as f64, dims, rscale as f64);
+            }
+            y
+        };
+        let q = prep(&q_raw, h, qnorm.then_some(&qw[..]));
+        let kn = prep(&k_raw, hkv, knorm.then_some(&kw[..]));
+        // The GPU caches start with the current row poisoned: the kernel
+        // must write it and never read it.
+        let row_k = pos0 * hkv * d..(pos0 + 1) * hkv * d;
+        let row_v = pos0 * hkv * dv..(pos0 + 1) * hkv * dv;
+        let mut kc_gpu = kc.clone();
+        let mut vc_gpu = vc.clone();
+        kc_gpu[row_k.clone()].fill(f32::NAN);
+        vc_gpu[row_v.clone()].fill(f32::NAN);
+        kc[row_k.clone()].copy_from_slice(&kn);
+        vc[row_v.clone()].copy_from_slice(&v_raw);
+        let scale = 1.0 / (d as f32).sqrt();
+        let want = ops::attention(
+            &q,
+            1,
+            h,
+            hkv,
+            d,
+            dv,
+            &kc,
+            &vc,
+            pos0,
+            scale as f64,
+            (window > 0).then_some(window),
+            (softcap > 0.0).then_some(softcap as f64),
+        );
+        let bufs = [
+            upload(ctx, "q", &q_raw),
+            upload(ctx, "k", &k_raw),
+            upload(ctx, "v", &v_raw),
+            upload(ctx, "k_cache", &kc_gpu),
+            upload(ctx, "v_cache", &vc_gpu),
+            kernel::poisoned(ctx, "out", want.len()),
+            upload(ctx, "q_norm", &qw),
+            upload(ctx, "k_norm", &kw),
+        ];
+        let params = [
+            1,
+            h as u32,
+            hkv as u32,
+            d as u32,
+            dv as u32,
+            pos0 as u32,
+            window as u32,
+            scale.to_bits(),
+            softcap.to_bits(),
+            eps.to_bits(),
+            dims as u32,
+            base.to_bits(),
+            rscale.to_bits(),
+        ];
+        let pb = kernel::uniform(ctx, "params", &params);
+        let mut binds: Vec<(u32, &wgpu::Buffer)> = (0..6).map(|i| (i as u32, &bufs[i])).collect();
+        if qnorm {
+            binds.push((6, &bufs[6]));
+        }
+        if knorm {
+            binds.push((7, &bufs[7]));
+        }
+        binds.push((8, &pb));
+        let bind = k.bind_at(ctx, &binds);
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        k.dispatch(&mut enc, &bind, spread(h as u32, 65535));
+        ctx.queue.submit([enc.finish()]);
+        let what = format!("{label} prep H {h} Hkv {hkv} D {d} pos0 {pos0} window {window}");
+        let got = kernel::read_f32(ctx, &bufs[5], want.len()).unwrap();
+        assert_close(&got, &want, TOL_F32, &what);
+        // The current position's cache rows hold the prepared k and raw v.
+        let kc_got = kernel::read_f32(ctx, &bufs[3], kc.len()).unwrap();
+        let vc_got = kernel::read_f32(ctx, &bufs[4], vc.len()).unwrap();
+        assert_close(
+            &kc_got[row_k],
+            &kn,
+            TOL_F32,
+            &format!("{what}: k cache row"),
+        );
+        assert_close(
+            &vc_got[row_v],
+            &v_raw,
+            TOL_F32,
+            &format!("{what}: v cache row"),
+        );
+    }
 }
 
 /// The reference of one unary OP knob value (scale and softcap take alpha).
