@@ -60,7 +60,17 @@ const NACC: u32 = 1u + {{PAIR}}u;
 var<workgroup> partial: array<f32, WG * ROWS * NACC>;
 var<workgroup> red: array<f32, WG>;
 #if XS
-var<workgroup> xs: array<f32, {{XS}}>;
+// The staged input row, as vec4 so that x8's reads are two 16-byte loads
+// (scalar reads at a stride of 8 floats would conflict on 8-way banks).
+var<workgroup> xs: array<vec4<f32>, {{XS}} / 4>;
+
+fn xs_ld(e: u32) -> f32 {
+    return xs[e >> 2u][e & 3u];
+}
+
+fn xs_st(e: u32, v: f32) {
+    xs[e >> 2u][e & 3u] = v;
+}
 #endif
 
 var<private> lid_: u32;
@@ -105,17 +115,22 @@ struct X8 {
 
 fn x1(xo: u32, e: u32) -> f32 {
 #if XS
-    return xs[e];
+    return xs_ld(e);
 #else
     return x_in(xo + e);
 #endif
 }
 
+// Elements e..e+8 (e % 8 == 0) of the input row at xo.
 fn x8(xo: u32, e: u32) -> X8 {
+#if XS
+    return X8(xs[e >> 2u], xs[(e >> 2u) + 1u]);
+#else
     return X8(
         vec4<f32>(x1(xo, e), x1(xo, e + 1u), x1(xo, e + 2u), x1(xo, e + 3u)),
         vec4<f32>(x1(xo, e + 4u), x1(xo, e + 5u), x1(xo, e + 6u), x1(xo, e + 7u)),
     );
+#endif
 }
 
 fn load_word_a(i: u32) -> u32 {
@@ -156,7 +171,7 @@ fn x_in(i: u32) -> f32 {
 fn prologue(m: u32, g: u32) {
 #if XS
     for (var e = lid_; e < p.k; e += WG) {
-        xs[e] = x[m * p.k + e];
+        xs_st(e, x[m * p.k + e]);
     }
     workgroupBarrier();
 #endif

@@ -577,7 +577,7 @@ fn bench(
     let model = M { gguf, bound };
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
-    let n_ctx = prefill.max(8 + decode) + 1;
+    let n_ctx = prefill.max(8 + decode) + 2;
     let mut b = match stream {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -606,11 +606,13 @@ fn bench(
     b.reset();
     let mut next = b.forward_greedy(&ids[..8.min(ids.len())])?;
     next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
+    b.take_step_times();
     let t = Instant::now();
     for _ in 0..decode {
         next = b.forward_greedy(&[next])?;
     }
     let decode_s = t.elapsed().as_secs_f64();
+    let times = b.take_step_times();
     let _ = logits;
     let weight_bytes: u64 = model
         .bound
@@ -657,6 +659,38 @@ fn bench(
         d.dispatches(),
         p.dispatches()
     );
+    let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / times.steps.max(1) as f64;
+    println!(
+        "decode step host   encode {:.0} µs + submit {:.0} µs + wait for GPU and read back {:.0} µs",
+        us(times.encode),
+        us(times.submit),
+        us(times.wait)
+    );
+    // Where a decode step's GPU time goes, by kernel (timestamps).
+    if ctx.features.timestamps {
+        let prof = b.profile_decode_step(next)?;
+        let total: f64 = prof.iter().map(|p| p.1).sum();
+        let mut by: Vec<(String, f64, usize)> = Vec::new();
+        for (name, us) in prof {
+            // Group layers' copies of one variant: drop the fusion hash.
+            let key = match name.rfind('-') {
+                Some(i) if name.contains(".fused-") => name[..i].to_string(),
+                _ => name,
+            };
+            match by.iter_mut().find(|e| e.0 == key) {
+                Some(e) => {
+                    e.1 += us;
+                    e.2 += 1
+                }
+                None => by.push((key, us, 1)),
+            }
+        }
+        by.sort_by(|a, b| b.1.total_cmp(&a.1));
+        println!("decode step GPU    {total:.0} µs in dispatches (timestamps, one pass each):");
+        for (name, us, n) in by.iter().take(8) {
+            println!("  {us:8.0} µs  {n:4}x  {name}");
+        }
+    }
     let m = b.memory();
     println!(
         "GPU memory         {:.1} MB = weights {:.1} + KV cache {:.1} ({} positions) + arena {:.1} (decode {:.3} + prefill {:.1}; naive sum {:.1}, lower bound {:.1})",

@@ -58,6 +58,11 @@ pub struct GpuBackend<'a> {
     n_ctx: usize,
     /// Staging buffer for readback (MAP_READ), grown on demand.
     staging: Option<(wgpu::Buffer, u64)>,
+    /// Where greedy decode steps spent their time on the host.
+    times: StepTimes,
+    /// When set, the next encoded step puts every dispatch in its own pass
+    /// with GPU timestamps around it (kernel names recorded in order).
+    profiling: Option<(wgpu::QuerySet, Vec<String>)>,
     /// Give every value its own bytes (no reuse), so that any value can be
     /// read back after a step (`--verify-replay`).
     keep_values: bool,
@@ -65,6 +70,19 @@ pub struct GpuBackend<'a> {
     argmax: Kernel,
     argmax_out: wgpu::Buffer,
     argmax_params: wgpu::Buffer,
+}
+
+/// Host time of greedy decode steps, summed since the last reset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTimes {
+    /// Steps measured.
+    pub steps: u32,
+    /// Writing inputs and uniforms and encoding the dispatches.
+    pub encode: std::time::Duration,
+    /// `finish` and `submit`.
+    pub submit: std::time::Duration,
+    /// Waiting for the GPU and mapping the token id.
+    pub wait: std::time::Duration,
 }
 
 /// GPU memory of a [`GpuBackend`], in bytes.
@@ -266,6 +284,8 @@ impl<'a> GpuBackend<'a> {
             pos: 0,
             n_ctx,
             staging: None,
+            times: StepTimes::default(),
+            profiling: None,
             keep_values: false,
             argmax,
             argmax_out: zeros(1, "argmax"),
@@ -276,6 +296,64 @@ impl<'a> GpuBackend<'a> {
     /// Kernel dispatches per step in the decode bucket.
     pub fn dispatches_per_decode_step(&self) -> usize {
         self.buckets[0].plan.dispatches()
+    }
+
+    /// Run one decode step with a GPU timestamp around every dispatch:
+    /// (kernel variant, microseconds) in launch order. Needs the adapter's
+    /// timestamp queries; each dispatch then runs in its own compute pass,
+    /// so the sum is a little above a normal step's GPU time.
+    pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<(String, f64)>> {
+        if !self.ctx.features.timestamps {
+            return Err(Error::Gpu(
+                "profiling needs timestamp queries, which this adapter or feature set does not offer".into(),
+            ));
+        }
+        let n = self.buckets[0].plan.launches.len() as u32 * 2;
+        let qs = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("profile"),
+            ty: wgpu::QueryType::Timestamp,
+            count: n.max(2),
+        });
+        self.profiling = Some((qs, Vec::new()));
+        let r = self.encode_step(&[token]);
+        let (qs, names) = self
+            .profiling
+            .take()
+            .ok_or_else(|| Error::Gpu("profiling state lost".into()))?;
+        let (mut enc, _) = r?;
+        let bytes = (names.len() * 16) as u64;
+        let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: bytes.max(16),
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        enc.resolve_query_set(&qs, 0..(names.len() as u32 * 2), &resolve, 0);
+        self.staging(bytes)?;
+        let Some((staging, _)) = &self.staging else {
+            return Err(Error::Gpu("no readback buffer".into()));
+        };
+        enc.copy_buffer_to_buffer(&resolve, 0, staging, 0, bytes);
+        self.ctx.queue.submit([enc.finish()]);
+        let words = kernel::read_mapped(self.ctx, staging, names.len() * 4)?;
+        let period = self.ctx.queue.get_timestamp_period() as f64;
+        let ticks: Vec<u64> = words
+            .chunks(2)
+            .map(|w| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32)
+            .collect();
+        Ok(names
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let d = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
+                (name, d as f64 * period / 1e3)
+            })
+            .collect())
+    }
+
+    /// Host time of the greedy decode steps since the last call (and reset).
+    pub fn take_step_times(&mut self) -> StepTimes {
+        std::mem::take(&mut self.times)
     }
 
     /// Keep every value readable after a step (no arena reuse; for
@@ -642,6 +720,25 @@ impl GpuBackend<'_> {
                     }
                     let mut gr = kernel::spread(count as u32, max_dim);
                     gr[2] = z as u32;
+                    if let Some((qs, names)) = &mut self.profiling {
+                        let i = names.len() as u32;
+                        if 2 * i + 1 < qs.count() {
+                            pass = None;
+                            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                label: None,
+                                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                    query_set: qs,
+                                    beginning_of_pass_write_index: Some(2 * i),
+                                    end_of_pass_write_index: Some(2 * i + 1),
+                                }),
+                            });
+                            p.set_pipeline(&st.kernels[*kernel].pipeline);
+                            p.set_bind_group(0, bg, &[]);
+                            p.dispatch_workgroups(gr[0], gr[1], gr[2]);
+                            names.push(st.plan.kernels[*kernel].name());
+                            continue;
+                        }
+                    }
                     let p = pass.get_or_insert_with(|| {
                         enc.begin_compute_pass(&Default::default())
                             .forget_lifetime()
@@ -734,6 +831,7 @@ impl crate::session::Backend for GpuBackend<'_> {
             let l = self.forward(tokens, true)?;
             return Ok(crate::reference::ops::argmax(l.row(0), l.vocab)[0] as u32);
         }
+        let t0 = std::time::Instant::now();
         let (mut enc, b) = self.encode_step(tokens)?;
         self.staging(4)?;
         let st = &self.buckets[b];
@@ -750,8 +848,15 @@ impl crate::session::Backend for GpuBackend<'_> {
             return Err(Error::Gpu("no readback buffer".into()));
         };
         enc.copy_buffer_to_buffer(&self.argmax_out, 0, staging, 0, 4);
+        let t1 = std::time::Instant::now();
         self.ctx.queue.submit([enc.finish()]);
+        let t2 = std::time::Instant::now();
         let id = kernel::read_mapped(self.ctx, staging, 1)?;
+        let t3 = std::time::Instant::now();
+        self.times.steps += 1;
+        self.times.encode += t1 - t0;
+        self.times.submit += t2 - t1;
+        self.times.wait += t3 - t2;
         Ok(id[0].to_bits())
     }
 

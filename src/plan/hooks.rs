@@ -188,7 +188,7 @@ pub(crate) fn plan_matvec(
         if xs > 0 {
             pro += "    let xo = m * p.k;\n";
             pro +=
-                "    for (var e = lid_; e < p.k; e += WG) {\n        xs[e] = x[xo + e];\n    }\n";
+                "    for (var e = lid_; e < p.k; e += WG) {\n        xs_st(e, x[xo + e]);\n    }\n";
             for &(p, carry) in &m.prologue {
                 let n = &g.nodes[p];
                 // Op names only: the same fusion in every layer is one kernel.
@@ -197,7 +197,7 @@ pub(crate) fn plan_matvec(
                     let name = format!("s{}", bd.bufs.len());
                     bd.add(&name, true, vb(n.output));
                     format!(
-                        "\n        if g == 0u {{\n            {name}[xo + e] = xs[e];\n        }}"
+                        "\n        if g == 0u {{\n            {name}[xo + e] = xs_ld(e);\n        }}"
                     )
                 } else {
                     String::new()
@@ -215,16 +215,16 @@ pub(crate) fn plan_matvec(
                         };
                         let _ = write!(
                             pro,
-                            "    {{\n        var ss = 0.0;\n        for (var e = lid_; e < p.k; e += WG) {{\n            ss += xs[e] * xs[e];\n        }}\n        let r = inverseSqrt(wg_sum(ss) / f32(p.k) + {});\n        for (var e = lid_; e < p.k; e += WG) {{\n            xs[e] = xs[e] * r{wmul};{}\n        }}\n    }}\n",
+                            "    {{\n        var ss = 0.0;\n        for (var e = lid_; e < p.k; e += WG) {{\n            let v = xs_ld(e);\n            ss += v * v;\n        }}\n        let r = inverseSqrt(wg_sum(ss) / f32(p.k) + {});\n        for (var e = lid_; e < p.k; e += WG) {{\n            xs_st(e, xs_ld(e) * r{wmul});{}\n        }}\n    }}\n",
                             lit(*eps),
                             side.replace("\n        ", "\n            ")
                         );
                     }
                     _ => {
-                        let ex = elementwise(g, p, carry, "xs[e]", &mut bd, &vb, "xo + e", "e")?;
+                        let ex = elementwise(g, p, carry, "xs_ld(e)", &mut bd, &vb, "xo + e", "e")?;
                         let _ = write!(
                             pro,
-                            "    for (var e = lid_; e < p.k; e += WG) {{\n        xs[e] = {ex};{side}\n    }}\n"
+                            "    for (var e = lid_; e < p.k; e += WG) {{\n        xs_st(e, {ex});{side}\n    }}\n"
                         );
                     }
                 }
