@@ -183,6 +183,36 @@ fn rope_sh(which: u32, lid: u32, pos: f32) {
 }
 #endif
 
+// q · k for the key row at kb: four independent partial sums so that the
+// loads of a row are in flight together.
+fn dot_key(kb: u32) -> f32 {
+    var s0 = 0.0;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var s3 = 0.0;
+    var c = 0u;
+    for (; c + 4u <= p.d; c += 4u) {
+        s0 += q_sh[c] * k_cache[kb + c];
+        s1 += q_sh[c + 1u] * k_cache[kb + c + 1u];
+        s2 += q_sh[c + 2u] * k_cache[kb + c + 2u];
+        s3 += q_sh[c + 3u] * k_cache[kb + c + 3u];
+    }
+    for (; c < p.d; c++) {
+        s0 += q_sh[c] * k_cache[kb + c];
+    }
+    return (s0 + s1) + (s2 + s3);
+}
+
+// Value dimension dd of key j (row element at vb of the cache); with PREP
+// the current position's value comes from the fresh row, never the cache.
+fn vrow(j: u32, vb: u32, dd: u32, pos: u32) -> f32 {
+#if PREP
+    return select(v_cache[vb], v_sh[dd], j == pos);
+#else
+    return v_cache[vb];
+#endif
+}
+
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -284,14 +314,10 @@ fn main(
                     qk += q_sh[c] * k_sh[c];
                 }
             } else {
-                for (var c = 0u; c < p.d; c++) {
-                    qk += q_sh[c] * k_cache[kb + c];
-                }
+                qk = dot_key(kb);
             }
 #else
-            for (var c = 0u; c < p.d; c++) {
-                qk += q_sh[c] * k_cache[kb + c];
-            }
+            qk = dot_key(kb);
 #endif
             s = qk * p.scale;
             if p.softcap > 0.0 {
@@ -317,16 +343,26 @@ fn main(
             if dd < p.dv {
                 var a = acc[c] * corr;
                 var vb = j0 * v_stride + v_off + dd;
-                for (var t = 0u; t < nk; t++) {
-#if PREP
-                    if j0 + t == pos {
-                        a += pw[t] * v_sh[dd];
-                    } else {
-                        a += pw[t] * v_cache[vb];
-                    }
-#else
-                    a += pw[t] * v_cache[vb];
-#endif
+                // Eight keys per iteration with independent loads: each
+                // key's row is a new cache line, and a loop that waits for
+                // one load at a time is bound by memory latency.
+                var t = 0u;
+                for (; t + 8u <= nk; t += 8u) {
+                    let s = v_stride;
+                    let v0 = vrow(j0 + t, vb, dd, pos);
+                    let v1 = vrow(j0 + t + 1u, vb + s, dd, pos);
+                    let v2 = vrow(j0 + t + 2u, vb + 2u * s, dd, pos);
+                    let v3 = vrow(j0 + t + 3u, vb + 3u * s, dd, pos);
+                    let v4 = vrow(j0 + t + 4u, vb + 4u * s, dd, pos);
+                    let v5 = vrow(j0 + t + 5u, vb + 5u * s, dd, pos);
+                    let v6 = vrow(j0 + t + 6u, vb + 6u * s, dd, pos);
+                    let v7 = vrow(j0 + t + 7u, vb + 7u * s, dd, pos);
+                    a += (pw[t] * v0 + pw[t + 1u] * v1) + (pw[t + 2u] * v2 + pw[t + 3u] * v3)
+                        + ((pw[t + 4u] * v4 + pw[t + 5u] * v5) + (pw[t + 6u] * v6 + pw[t + 7u] * v7));
+                    vb += 8u * s;
+                }
+                for (; t < nk; t++) {
+                    a += pw[t] * vrow(j0 + t, vb, dd, pos);
                     vb += v_stride;
                 }
                 acc[c] = a;
