@@ -4,8 +4,9 @@
 //! head h / (H / Hkv) (GQA), to the keys j ≤ p with window == 0 or
 //! p - j < window: s = dot(q, k) * scale, then s = softcap * tanh(s / softcap)
 //! when softcap > 0, softmax, out = Σ softmax_j · v_j. Keys 0..pos0 + T are
-//! already in the caches. One workgroup per (token, head) (linear workgroup
-//! index wg.x + wg.y * num_workgroups.x, beyond T * H return).
+//! already in the caches. One workgroup per (token, head) and split (linear
+//! workgroup index wg.x + wg.y * num_workgroups.x, beyond T * H * SPLIT
+//! return).
 //! The keys go in blocks of WG: each invocation scores one key of the block,
 //! a workgroup max gives the running maximum (online softmax), then each
 //! invocation accumulates its own output dimensions over the block's keys.
@@ -21,13 +22,26 @@
 //! head writes them into the caches. Bindings then: 0 q, 1 k, 2 v,
 //! 3 k_cache, 4 v_cache, 5 out, 6 q_norm, 7 k_norm, 8 Params (with eps,
 //! dims, rope_base, rope_scale).
+//! SPLIT > 1 (with PREP=1; split-K decode): SPLIT workgroups per head
+//! (linear index item = head * SPLIT + s) each take one contiguous chunk of
+//! the attended keys first..=pos0 (chunk = ceil(keys / SPLIT); a split past
+//! the end is empty) and write an unnormalized partial row
+//! [m, l, acc[0..Dv]] (running max, Σ exp(s - m), Σ exp(s - m) · v) at
+//! out[T * H * Dv + item * (Dv + 2)], i.e. after the [T, H, Dv] output it
+//! leaves unwritten. An empty split writes m = -3e38, l = 0, acc = 0. The
+//! merge (attention_merge, or a matmul prologue) forms
+//! out[h] = Σ_s e^(m_s - M) acc_s / Σ_s e^(m_s - M) l_s, M = max_s m_s.
+//! Every split preps its own q; the split holding pos0 uses the fresh k, v;
+//! split 0 of the first query head of each kv head writes the cache rows.
 //! knob WG: 64 128 256
 //! knob SUBGROUPS: 0 1
 //! knob PREP: 1 0
 //! knob QNORM: 0 1
 //! knob KNORM: 0 1
 //! knob ROPE: NONE NORMAL NEOX
-//! cover: QNORM KNORM ROPE
+//! knob SPLIT: 1 2 4 8 16 32
+//! cover: QNORM KNORM ROPE SPLIT
+//! require: PREP == 1 || SPLIT == 1
 //! wg_storage: (256 + 2 * WG + PREP * 512) * 4
 // (naga takes subgroup builtins without `enable subgroups;`: the validator's
 // SUBGROUP capability gates them. The subgroup size is never assumed.)
@@ -77,6 +91,7 @@ var<workgroup> v_sh: array<f32, 256>;
 // Output dimensions each invocation owns (Dv ≤ 256).
 const NACC: u32 = (256u + {{WG}}u - 1u) / {{WG}}u;
 const NEG: f32 = -3.0e38;
+const SPLIT: u32 = {{SPLIT}}u;
 
 var<workgroup> q_sh: array<f32, 256>;
 var<workgroup> pw: array<f32, {{WG}}>;
@@ -225,19 +240,27 @@ fn main(
 #endif
 ) {
     let item = wg.x + wg.y * nwg.x;
-    if item >= p.t * p.h {
+    if item >= p.t * p.h * SPLIT {
         return;
     }
-    let r = item / p.h;
-    let h = item - r * p.h;
+    // (token, head) row and split.
+    let row = item / SPLIT;
+    let sp = item - row * SPLIT;
+    let r = row / p.h;
+    let h = row - r * p.h;
     let kh = h / (p.h / p.hkv);
     let pos = p.pos0 + r;
     var first = 0u;
     if p.window > 0u && pos + 1u > p.window {
         first = pos + 1u - p.window;
     }
+    // This split's keys: lo..end (end exclusive; empty when lo == end).
+    let keys = pos + 1u - first;
+    let chunk = (keys + SPLIT - 1u) / SPLIT;
+    let lo = first + min(sp * chunk, keys);
+    let end = first + min(sp * chunk + chunk, keys);
     for (var c = lid; c < p.d; c += {{WG}}u) {
-        q_sh[c] = q[item * p.d + c];
+        q_sh[c] = q[row * p.d + c];
     }
     workgroupBarrier();
 #if PREP
@@ -283,7 +306,7 @@ fn main(
     rope_sh(1u, lid, f32(pos));
     workgroupBarrier();
 #endif
-    if h % (p.h / p.hkv) == 0u {
+    if h % (p.h / p.hkv) == 0u && sp == 0u {
         for (var c = lid; c < p.d; c += {{WG}}u) {
             k_cache[pos * p.hkv * p.d + kh * p.d + c] = k_sh[c];
         }
@@ -302,10 +325,10 @@ fn main(
     var m = NEG;
     var l = 0.0;
     var acc: array<f32, NACC>;
-    for (var j0 = first; j0 <= pos; j0 += {{WG}}u) {
+    for (var j0 = lo; j0 < end; j0 += {{WG}}u) {
         let j = j0 + lid;
         var s = NEG;
-        if j <= pos {
+        if j < end {
             let kb = j * k_stride + k_off;
             var qk = 0.0;
 #if PREP
@@ -331,13 +354,13 @@ fn main(
 #endif
         let corr = exp(m - m_new);
         var e = 0.0;
-        if j <= pos {
+        if j < end {
             e = exp(s - m_new);
         }
         l = l * corr + e;
         pw[lid] = e;
         workgroupBarrier();
-        let nk = min({{WG}}u, pos + 1u - j0);
+        let nk = min({{WG}}u, end - j0);
         for (var c = 0u; c < NACC; c++) {
             let dd = lid + c * {{WG}}u;
             if dd < p.dv {
@@ -375,6 +398,20 @@ fn main(
 #else
     let total = reduce_sum(l, lid);
 #endif
+#if SPLIT > 1
+    // The partial row after the [T, H, Dv] output.
+    let pb = p.t * p.h * p.dv + item * (p.dv + 2u);
+    if lid == 0u {
+        out[pb] = m;
+        out[pb + 1u] = total;
+    }
+    for (var c = 0u; c < NACC; c++) {
+        let dd = lid + c * {{WG}}u;
+        if dd < p.dv {
+            out[pb + 2u + dd] = acc[c];
+        }
+    }
+#else
     let inv = 1.0 / total;
     for (var c = 0u; c < NACC; c++) {
         let dd = lid + c * {{WG}}u;
@@ -382,4 +419,5 @@ fn main(
             out[item * p.dv + dd] = acc[c] * inv;
         }
     }
+#endif
 }

@@ -235,10 +235,33 @@ fn attention_all_variants() {
         attn((3, 2, 1, 128, 128, 700, 300), 0.0),
         attn((70, 2, 1, 64, 64, 0, 50), 0.0),
         attn((1, 4, 1, 64, 64, 2000, 0), 0.0),
+        // For split-K decode: positions before every split has a key
+        // (pos0 < S), a window cutting a range that is not a multiple of S.
+        attn((1, 2, 1, 64, 64, 0, 0), 0.0),
+        attn((1, 4, 2, 64, 64, 3, 0), 5.0),
+        attn((1, 2, 2, 128, 128, 300, 45), 5.0),
     ];
+    let merge_t = codegen::template("attention_merge").unwrap();
+    // Split counts for the SPLIT=1 variants' split twins, in turn.
+    let mut twin = 0usize;
+    let mut split_variants = 0usize;
     each_variant("attention", |ctx, k, knobs, label| {
         if knobs["PREP"] == "1" {
-            attention_prep(ctx, k, knobs, label, &shapes, &mut rng);
+            attention_prep(ctx, k, knobs, label, &shapes, &mut rng, &merge_t);
+            if knobs["SPLIT"] != "1" {
+                split_variants += 1;
+                return;
+            }
+            // The same knobs split too: every WG, subgroup and prep variant
+            // meets one split count (the counts in turn).
+            let mut kn = knobs.clone();
+            kn.insert("SPLIT".into(), ["2", "4", "8", "16", "32"][twin % 5].into());
+            twin += 1;
+            let t = codegen::template("attention").unwrap();
+            let ks = Kernel::build(ctx, &t, &kn).unwrap_or_else(|e| panic!("{e}"));
+            let label = format!("{} on [{}]", variant_name(&t.name, &kn), ctx.features);
+            attention_prep(ctx, &ks, &kn, &label, &shapes, &mut rng, &merge_t);
+            split_variants += 1;
             return;
         }
         for (case, a) in shapes.iter().enumerate() {
@@ -308,11 +331,38 @@ fn attention_all_variants() {
             );
         }
     });
+    // Every split count as its own variant, and a split twin of each
+    // unsplit PREP variant, in all four feature sets.
+    assert!(
+        split_variants >= 4 * 5 + 8,
+        "{split_variants} split variants ran"
+    );
+}
+
+/// Merge split-attention partial rows [H, S, Dv + 2] on the CPU (f64).
+fn merge_partials(part: &[f32], h: usize, s: usize, dv: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(h * dv);
+    for hh in 0..h {
+        let row = |j: usize| &part[(hh * s + j) * (dv + 2)..(hh * s + j + 1) * (dv + 2)];
+        let mx = (0..s)
+            .map(|j| f64::from(row(j)[0]))
+            .fold(f64::MIN, f64::max);
+        let w: Vec<f64> = (0..s).map(|j| (f64::from(row(j)[0]) - mx).exp()).collect();
+        let den: f64 = (0..s).map(|j| w[j] * f64::from(row(j)[1])).sum();
+        for d in 0..dv {
+            let num: f64 = (0..s).map(|j| w[j] * f64::from(row(j)[2 + d])).sum();
+            out.push((num / den) as f32);
+        }
+    }
+    out
 }
 
 /// Fused decode attention (PREP=1): raw q, k, v of the current token, the
 /// per-head norms and rope applied in the kernel, the KV-cache rows of the
 /// position written, against the CPU ops applied one after another.
+/// SPLIT > 1: the partial rows (after the unwritten [H, Dv] output) merged
+/// on the CPU and by attention_merge must both equal the reference, and
+/// splits with no key are neutral (l = 0, acc = 0).
 fn attention_prep(
     ctx: &GpuContext,
     k: &Kernel,
@@ -320,7 +370,14 @@ fn attention_prep(
     label: &str,
     shapes: &[Attn],
     rng: &mut Rng,
+    merge_t: &codegen::Template,
 ) {
+    let splits: usize = knobs["SPLIT"].parse().unwrap();
+    let merge = (splits > 1).then(|| {
+        let mut kn = merge_t.variants(&caps(ctx)).unwrap()[0].clone();
+        kn.insert("SPLIT".into(), splits.to_string());
+        Kernel::build(ctx, merge_t, &kn).unwrap_or_else(|e| panic!("{e}"))
+    });
     let qnorm = knobs["QNORM"] == "1";
     let knorm = knobs["KNORM"] == "1";
     let mode = match knobs["ROPE"].as_str() {
@@ -394,7 +451,12 @@ fn attention_prep(
             upload(ctx, "v", &v_raw),
             upload(ctx, "k_cache", &kc_gpu),
             upload(ctx, "v_cache", &vc_gpu),
-            kernel::poisoned(ctx, "out", want.len()),
+            // With SPLIT > 1 the partials follow the output row.
+            kernel::poisoned(
+                ctx,
+                "out",
+                want.len() + h * splits * (dv + 2) * (splits > 1) as usize,
+            ),
             upload(ctx, "q_norm", &qw),
             upload(ctx, "k_norm", &kw),
         ];
@@ -424,11 +486,51 @@ fn attention_prep(
         binds.push((8, &pb));
         let bind = k.bind_at(ctx, &binds);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        k.dispatch(&mut enc, &bind, spread(h as u32, 65535));
+        k.dispatch(&mut enc, &bind, spread((h * splits) as u32, 65535));
         ctx.queue.submit([enc.finish()]);
-        let what = format!("{label} prep H {h} Hkv {hkv} D {d} pos0 {pos0} window {window}");
-        let got = kernel::read_f32(ctx, &bufs[5], want.len()).unwrap();
-        assert_close(&got, &want, TOL_F32, &what);
+        let what = format!(
+            "{label} prep H {h} Hkv {hkv} D {d} pos0 {pos0} window {window} softcap {softcap}"
+        );
+        if let Some(mk) = &merge {
+            let n = want.len() + h * splits * (dv + 2);
+            let all = kernel::read_f32(ctx, &bufs[5], n).unwrap();
+            let part = &all[want.len()..];
+            assert_close(
+                &merge_partials(part, h, splits, dv),
+                &want,
+                TOL_F32,
+                &format!("{what}: partials merged on the CPU"),
+            );
+            // Splits past the attended keys are neutral.
+            let first = if window > 0 && pos0 + 1 > window {
+                pos0 + 1 - window
+            } else {
+                0
+            };
+            let keys = pos0 + 1 - first;
+            let chunk = keys.div_ceil(splits);
+            for hh in 0..h {
+                for j in (0..splits).filter(|&j| j * chunk >= keys) {
+                    let r = &part[(hh * splits + j) * (dv + 2)..(hh * splits + j + 1) * (dv + 2)];
+                    assert!(
+                        r[0] < -1e38 && r[1..].iter().all(|&v| v == 0.0),
+                        "{what}: empty split {j} of head {hh} is not neutral: {:?}",
+                        &r[..4]
+                    );
+                }
+            }
+            // And merged on the GPU, in the same buffer as a plan does.
+            let mp = kernel::uniform(ctx, "merge params", &[h as u32, dv as u32, (h * dv) as u32]);
+            let mb = mk.bind(ctx, &[&bufs[5], &bufs[5], &mp]);
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            mk.dispatch(&mut enc, &mb, spread(h as u32, 65535));
+            ctx.queue.submit([enc.finish()]);
+            let got = kernel::read_f32(ctx, &bufs[5], want.len()).unwrap();
+            assert_close(&got, &want, TOL_F32, &format!("{what}: {} merge", mk.name));
+        } else {
+            let got = kernel::read_f32(ctx, &bufs[5], want.len()).unwrap();
+            assert_close(&got, &want, TOL_F32, &what);
+        }
         // The current position's cache rows hold the prepared k and raw v.
         let kc_got = kernel::read_f32(ctx, &bufs[3], kc.len()).unwrap();
         let vc_got = kernel::read_f32(ctx, &bufs[4], vc.len()).unwrap();

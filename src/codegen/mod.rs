@@ -216,6 +216,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         "attention.wgsl",
         include_str!("../../kernels/attention.wgsl"),
     ),
+    (
+        "attention_merge.wgsl",
+        include_str!("../../kernels/attention_merge.wgsl"),
+    ),
     ("unary.wgsl", include_str!("../../kernels/unary.wgsl")),
     ("binary.wgsl", include_str!("../../kernels/binary.wgsl")),
     ("softmax.wgsl", include_str!("../../kernels/softmax.wgsl")),

@@ -1,0 +1,57 @@
+//! kiln template: attention_merge
+//! The merge step of split-K decode attention (attention with SPLIT > 1):
+//! the SPLIT partial rows [m, l, acc[0..Dv]] of each head h, read from
+//! part[part_off + (h * SPLIT + s) * (Dv + 2)], become
+//! out[h * Dv + d] = Σ_s e^(m_s - M) acc_s[d] / Σ_s e^(m_s - M) l_s with
+//! M = max_s m_s (an empty split, m = -3e38 and l = 0, weighs nothing).
+//! One workgroup per head (linear workgroup index wg.x + wg.y *
+//! num_workgroups.x, beyond H return); invocations stride over Dv.
+//! Bindings: 0 part, 1 out, 2 Params{h, dv, part_off}. In a plan part and
+//! out are one buffer (the partials sit after the output row), so part is
+//! declared read_write too.
+//! knob WG: 256 64
+//! knob SPLIT: 2 4 8 16 32
+//! cover: SPLIT
+struct Params {
+    h: u32,
+    dv: u32,
+    part_off: u32,
+}
+
+@group(0) @binding(0) var<storage, read_write> part: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<uniform> p: Params;
+
+const SPLIT: u32 = {{SPLIT}}u;
+
+@compute @workgroup_size({{WG}})
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let h = wg.x + wg.y * nwg.x;
+    if h >= p.h {
+        return;
+    }
+    let row = p.dv + 2u;
+    let hb = p.part_off + h * SPLIT * row;
+    var mx = -3.0e38;
+    for (var s = 0u; s < SPLIT; s++) {
+        mx = max(mx, part[hb + s * row]);
+    }
+    var w: array<f32, SPLIT>;
+    var den = 0.0;
+    for (var s = 0u; s < SPLIT; s++) {
+        w[s] = exp(part[hb + s * row] - mx);
+        den += w[s] * part[hb + s * row + 1u];
+    }
+    let inv = 1.0 / den;
+    for (var d = lid; d < p.dv; d += {{WG}}u) {
+        var acc = 0.0;
+        for (var s = 0u; s < SPLIT; s++) {
+            acc += w[s] * part[hb + s * row + 2u + d];
+        }
+        out[h * p.dv + d] = acc * inv;
+    }
+}
