@@ -75,7 +75,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Turn a fusion pass off (repeatable), to bisect a wrong result:
-    /// siblings, gated, epilogue, prologue, attention.
+    /// siblings, gated, epilogue, prologue, attention, split.
     #[arg(long = "no-fuse", value_name = "PASS")]
     no_fuse: Vec<String>,
 }
@@ -85,6 +85,7 @@ impl ModelArgs {
         kiln::plan::report::check_passes(&self.no_fuse)?;
         Ok(kiln::plan::FuseOptions {
             disabled: self.no_fuse.clone(),
+            ..Default::default()
         })
     }
 }

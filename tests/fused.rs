@@ -4,7 +4,10 @@
 //! prefill and decode steps on the GPU with all fusion passes, in every
 //! feature set, and with each pass off in turn; the logits must equal the
 //! CPU reference's by relative L2 error (1e-4 with f32 arithmetic, 1e-2
-//! with f16 products).
+//! with f16 products). Decode attention is split over the keys: the tiny
+//! models' own choice (2 splits on global layers), and 8 or 32 splits forced
+//! (splits with no key at the early positions and in the sliding window),
+//! merged in the output projection's prologue or by a merge dispatch.
 
 mod common;
 
@@ -13,7 +16,7 @@ use kiln::exec::gpu::GpuBackend;
 use kiln::exec::{FeatureRequest, GpuContext};
 use kiln::graph::BoundGraph;
 use kiln::model::gguf::Gguf;
-use kiln::plan::{FuseOptions, PASSES};
+use kiln::plan::{FuseOptions, Group, PASSES};
 use kiln::reference::{Logits, Reference};
 use kiln::session::Backend;
 
@@ -44,6 +47,24 @@ fn reference(g: &Gguf, b: &BoundGraph) -> (Logits, Vec<Logits>) {
     (pre, dec)
 }
 
+/// How a decode plan splits its attention: (largest split count, merges
+/// in a matmul prologue, merge dispatches).
+fn split_shape(gpu: &GpuBackend) -> (usize, usize, usize) {
+    let p = gpu.plans()[0];
+    let mut r = (1, 0, 0);
+    for gr in &p.groups {
+        match gr {
+            Group::Attention(a) => {
+                r.0 = r.0.max(a.splits);
+                r.2 += (a.splits > 1 && !a.merged_by_consumer) as usize;
+            }
+            Group::Matvec(m) => r.1 += m.merge.is_some() as usize,
+            _ => {}
+        }
+    }
+    r
+}
+
 /// Prefill logits and each decode step's on the GPU with `opts`.
 fn gpu_run(
     ctx: &GpuContext,
@@ -52,6 +73,24 @@ fn gpu_run(
     opts: &FuseOptions,
 ) -> (Logits, Vec<Logits>) {
     let mut gpu = GpuBackend::with_fusion(ctx, b, g, 64, false, opts).unwrap();
+    let (splits, in_prologue, dispatched) = split_shape(&gpu);
+    let fused = !opts
+        .disabled
+        .iter()
+        .any(|p| p == "attention" || p == "split");
+    if fused {
+        assert!(
+            splits >= opts.splits.unwrap_or(2),
+            "{opts:?}: {splits} splits"
+        );
+        if opts.disabled.iter().any(|p| p == "prologue") {
+            assert!(in_prologue == 0 && dispatched > 0, "{opts:?}");
+        } else {
+            assert!(in_prologue > 0, "{opts:?}: no merge in a prologue");
+        }
+    } else {
+        assert_eq!(splits, 1, "{opts:?}");
+    }
     let pre = gpu.forward(&PROMPT, false).unwrap();
     let dec = DECODE
         .iter()
@@ -91,16 +130,28 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
             e < tol_cpu,
             "{arch} {req:?} unfused vs CPU: relative L2 {e}"
         );
-        let mut configs = vec![("all passes".to_string(), FuseOptions::default())];
+        let forced = |s: usize, off: &[&str]| FuseOptions {
+            disabled: off.iter().map(|p| p.to_string()).collect(),
+            splits: Some(s),
+        };
+        let mut configs = vec![
+            ("all passes".to_string(), FuseOptions::default()),
+            ("8 splits".to_string(), forced(8, &[])),
+        ];
         if req == FeatureRequest::EVERY[0] || req == FeatureRequest::EVERY[3] {
             for pass in PASSES {
                 configs.push((
                     format!("--no-fuse {pass}"),
                     FuseOptions {
                         disabled: vec![pass.to_string()],
+                        ..Default::default()
                     },
                 ));
             }
+            configs.push((
+                "32 splits, --no-fuse prologue".to_string(),
+                forced(32, &["prologue"]),
+            ));
         }
         for (what, opts) in configs {
             let got = gpu_run(&ctx, &g, &b, &opts);

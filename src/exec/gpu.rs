@@ -464,7 +464,7 @@ impl<'a> GpuBackend<'a> {
         }
         for (j, &v) in ids.iter().enumerate() {
             let pl = &layout.placements[j];
-            let bytes = (g.values[v].numel(cap) * 4).max(4) as u64;
+            let bytes = st.plan.value_bytes(g, v, cap).max(4);
             st.values.insert(v, (pl.arena, pl.offset, bytes));
         }
         st.mem = [layout.peak, layout.naive, layout.lower_bound];

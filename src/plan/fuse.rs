@@ -14,7 +14,13 @@
 //!   on its load; values others still need are written by one workgroup.
 //!   Only where it pays: rows up to [`PROLOGUE_PAYS_UP_TO_K`] elements;
 //! - `attention`: in decode, the per-head norm and rotary embedding of q and
-//!   k and the KV-cache write run inside the attention dispatch.
+//!   k and the KV-cache write run inside the attention dispatch;
+//! - `split`: a fused decode attention runs as split-K over the cache length
+//!   ([`attention_splits`] workgroups per head, each writing a partial
+//!   softmax row); the partials are merged in the prologue of the matmul
+//!   that reads the attention output where a prologue pays (rows up to
+//!   [`PROLOGUE_PAYS_UP_TO_K`], the `prologue` pass on), else by a small
+//!   merge dispatch of their own.
 //!
 //! Fused decode kernels are matrix × vector kernels; prefill plans use the
 //! same passes except `attention` (see [`fuse`]).
@@ -24,7 +30,14 @@ use std::collections::BTreeSet;
 use crate::graph::ir::{BoundGraph, BoundOp, Dim, ValueId};
 
 /// The fusion passes, in the order they run.
-pub const PASSES: [&str; 5] = ["siblings", "gated", "epilogue", "prologue", "attention"];
+pub const PASSES: [&str; 6] = [
+    "siblings",
+    "gated",
+    "epilogue",
+    "prologue",
+    "attention",
+    "split",
+];
 
 /// One dispatch of a fused schedule (before weight chunking).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +64,21 @@ pub struct Matvec {
     /// Elementwise nodes applied to the (single) output, in order, each with
     /// the operand index that carries the running value.
     pub epilogue: Vec<(usize, usize)>,
+    /// The input row is the merge of a split decode attention's partials
+    /// (instead of a prologue chain).
+    #[serde(default)]
+    pub merge: Option<Merge>,
+}
+
+/// A matmul prologue merging a split decode attention's partials.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Merge {
+    /// The Attention node (planned in its own group).
+    pub attn: usize,
+    /// The Reshape between it and the matmul, absorbed into the matmul's group.
+    pub reshape: Option<usize>,
+    /// The attention's split count.
+    pub splits: usize,
 }
 
 /// A fused decode attention: the attention node and the nodes between it
@@ -67,6 +95,18 @@ pub struct AttnPrep {
     pub rope: [Option<usize>; 2],
     /// Every absorbed node (reshapes too).
     pub absorbed: Vec<usize>,
+    /// Workgroups per head (split-K over the keys); 1: not split.
+    #[serde(default = "one")]
+    pub splits: usize,
+    /// With `splits > 1`: whether the consumer matmul's prologue merges the
+    /// partials (else the group's own merge dispatch does, and the output
+    /// is stored as usual).
+    #[serde(default)]
+    pub merged_by_consumer: bool,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Group {
@@ -82,6 +122,7 @@ impl Group {
                 }
                 v.extend(m.prologue.iter().map(|p| p.0));
                 v.extend(m.epilogue.iter().map(|p| p.0));
+                v.extend(m.merge.and_then(|mg| mg.reshape));
                 v
             }
             Group::Attention(a) => {
@@ -109,6 +150,9 @@ impl Group {
 pub struct FuseOptions {
     /// Pass names turned off.
     pub disabled: Vec<String>,
+    /// Force the split count of every fused decode attention (1, 2, 4, 8,
+    /// 16 or 32; tests and tuning) instead of [`attention_splits`]'s choice.
+    pub splits: Option<usize>,
 }
 
 impl FuseOptions {
@@ -121,8 +165,39 @@ impl FuseOptions {
     pub fn none() -> FuseOptions {
         FuseOptions {
             disabled: PASSES.iter().map(|s| s.to_string()).collect(),
+            splits: None,
         }
     }
+}
+
+/// Decode attention workgroups to aim for in one dispatch: about two per SM
+/// of a large GPU (132 on an H100). One workgroup per head leaves most of
+/// such a GPU idle, and attention over a long cache is then latency-bound.
+const TARGET_ATTENTION_WORKGROUPS: usize = 256;
+
+/// Fewest keys of the longest context a split should cover: below this the
+/// per-split fixed cost (q prep, one partial row, its share of the merge)
+/// outweighs the keys it scores.
+const MIN_KEYS_PER_SPLIT: usize = 64;
+
+/// The split-K count of a decode attention with `heads` query heads that
+/// attends to at most `keys` keys (the context, or the sliding window):
+/// the smallest power of two giving `heads · S ≥` [`TARGET_ATTENTION_WORKGROUPS`],
+/// at most 32 (the merge reads S partial rows per output element), and
+/// lowered until each split covers at least [`MIN_KEYS_PER_SPLIT`] keys of
+/// the longest context. 1 (one workgroup per head, no merge) when the
+/// heads alone fill the GPU or the context is short. Fixed at plan time (a
+/// recorded step replays with fixed workgroup counts); the kernel divides
+/// the keys attended at each step among the splits.
+pub fn attention_splits(heads: usize, keys: usize) -> usize {
+    let mut s = 1;
+    while heads * s < TARGET_ATTENTION_WORKGROUPS && s < 32 {
+        s *= 2;
+    }
+    while s > 1 && keys / s < MIN_KEYS_PER_SPLIT {
+        s /= 2;
+    }
+    s
 }
 
 /// Whether a node is an elementwise op on one row (epilogue/prologue-able).
@@ -243,11 +318,16 @@ pub fn fuse(g: &BoundGraph, opts: &FuseOptions, decode: bool) -> Vec<Group> {
             }
         }
     }
+    if decode && opts.on("split") {
+        split(&mut cx, &mut groups, opts);
+    }
     if opts.on("prologue") {
         groups.sort_by_key(|gr| gr.anchor());
         for gr in &mut groups {
             if let Group::Matvec(m) = gr {
-                prologue(&mut cx, m);
+                if m.merge.is_none() {
+                    prologue(&mut cx, m);
+                }
             }
         }
     }
@@ -422,6 +502,79 @@ fn prologue(cx: &mut Ctx, m: &mut Matvec) {
     m.prologue = chain;
 }
 
+/// Split every fused decode attention over its keys, and hand the merge to
+/// the matmul that reads the output where its prologue pays.
+fn split(cx: &mut Ctx, groups: &mut [Group], opts: &FuseOptions) {
+    let g = cx.g;
+    for i in 0..groups.len() {
+        let Group::Attention(a) = &groups[i] else {
+            continue;
+        };
+        let n = &g.nodes[a.attn];
+        let BoundOp::Attention { window, .. } = n.op else {
+            continue;
+        };
+        let heads = match g.values[n.inputs[0]].shape.as_slice() {
+            [_, Dim::Fixed(h), _] => *h,
+            _ => continue,
+        };
+        let keys = window.map_or(g.max_context, |w| w.min(g.max_context));
+        let s = opts.splits.unwrap_or_else(|| attention_splits(heads, keys));
+        if s <= 1 {
+            continue;
+        }
+        let (attn, out) = (a.attn, n.output);
+        let merger = if opts.on("prologue") {
+            merge_consumer(cx, groups, out)
+        } else {
+            None
+        };
+        if let Some((j, reshape)) = merger {
+            if let Some(r) = reshape {
+                cx.taken[r] = true;
+            }
+            if let Group::Matvec(m) = &mut groups[j] {
+                m.merge = Some(Merge {
+                    attn,
+                    reshape,
+                    splits: s,
+                });
+            }
+        }
+        if let Group::Attention(a) = &mut groups[i] {
+            a.splits = s;
+            a.merged_by_consumer = merger.is_some();
+        }
+    }
+}
+
+/// The matvec group (index) whose input row is attention output `out`
+/// (through at most one Reshape, returned too), if its prologue can merge
+/// the partials: nothing else reads them, no other prologue, and a row
+/// short enough to stage ([`PROLOGUE_PAYS_UP_TO_K`]).
+fn merge_consumer(cx: &Ctx, groups: &[Group], out: ValueId) -> Option<(usize, Option<usize>)> {
+    let g = cx.g;
+    let mut row = out;
+    let mut reshape = None;
+    let mut c = cx.only_consumer(row)?;
+    if matches!(g.nodes[c].op, BoundOp::Reshape) {
+        if cx.taken[c] {
+            return None;
+        }
+        reshape = Some(c);
+        row = g.nodes[c].output;
+        c = cx.only_consumer(row)?;
+    }
+    let k = weight_k(g, c);
+    if k == 0 || k > PROLOGUE_PAYS_UP_TO_K || per_token(g, row) != k || !has_tokens(g, row) {
+        return None;
+    }
+    let j = groups.iter().position(
+        |gr| matches!(gr, Group::Matvec(m) if m.mats.contains(&c) && m.prologue.is_empty()),
+    )?;
+    Some((j, reshape))
+}
+
 /// (source row, per-head norm node, rope node, absorbed nodes).
 type AttnInput = (ValueId, Option<usize>, Option<usize>, Vec<usize>);
 
@@ -518,6 +671,8 @@ fn attention(cx: &mut Ctx, i: usize) -> Option<AttnPrep> {
         norm: [qn, kn],
         rope: [qr, kr],
         absorbed: abs,
+        splits: 1,
+        merged_by_consumer: false,
     })
 }
 
@@ -544,6 +699,14 @@ pub fn check(g: &BoundGraph, groups: &[Group]) -> Result<Vec<bool>, String> {
     }
     if !made[g.output] {
         return Err("the output is never made".into());
+    }
+    // A split attention merged by its consumer stores only partials.
+    for gr in groups {
+        if let Group::Attention(a) = gr {
+            if a.merged_by_consumer {
+                made[g.nodes[a.attn].output] = false;
+            }
+        }
     }
     Ok(made)
 }

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use super::fuse::{self, AttnPrep, Matvec};
+use super::fuse::{self, AttnPrep, Matvec, Merge};
 use super::{heads, knob, numel, u, uc, Buf, Builder, Groups, Lin, WeightPlan, Word};
 use crate::codegen::Hooks;
 use crate::error::{Error, Result};
@@ -134,7 +134,7 @@ pub(crate) fn plan_matvec(
         )));
     }
     let pair = m.pair.is_some();
-    let xs = if m.prologue.is_empty() {
+    let xs = if m.prologue.is_empty() && m.merge.is_none() {
         0
     } else {
         *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
@@ -179,13 +179,16 @@ pub(crate) fn plan_matvec(
                 None => bd.bufs.push(Buf::Unbound),
             }
         }
-        let start = match m.prologue.first() {
-            Some(&(p, carry)) => g.nodes[p].inputs[carry],
-            None => input,
+        let start = match (m.merge, m.prologue.first()) {
+            (Some(mg), _) => g.nodes[mg.attn].output,
+            (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
+            (None, None) => input,
         };
         bd.add("x", false, vb(start));
         let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
-        if xs > 0 {
+        if let Some(mg) = &m.merge {
+            pro += &merge_prologue(g, mg, k)?;
+        } else if xs > 0 {
             pro += "    let xo = m * p.k;\n";
             pro +=
                 "    for (var e = lid_; e < p.k; e += WG) {\n        xs_st(e, x[xo + e]);\n    }\n";
@@ -337,6 +340,47 @@ fn op_name(op: &BoundOp) -> String {
     s.split([' ', '{', '(']).next().unwrap_or("").to_string()
 }
 
+/// Prologue body staging the merge of a split attention's partials (the
+/// attention node `attn`; rows of `k` = H · Dv elements): row m's partials
+/// [H, S, Dv + 2] sit after the M × K output in `x`.
+fn merge_prologue(g: &BoundGraph, mg: &Merge, k: usize) -> Result<String> {
+    let n = &g.nodes[mg.attn];
+    let (h, _) = heads(&g.values[n.inputs[0]].shape);
+    let dv = k / h.max(1);
+    if dv * h != k {
+        return Err(Error::Gpu(format!(
+            "internal: attention output rows of {k} are not {h} heads"
+        )));
+    }
+    let s = mg.splits;
+    let row = dv + 2;
+    Ok(format!(
+        "    // merge of {s} split-attention partials per head ({h} heads x {dv})
+    let pb = p.m * p.k + m * {hsr}u;
+    for (var e = lid_; e < p.k; e += WG) {{
+        let hb = pb + (e / {dv}u) * {sr}u;
+        let d = e % {dv}u;
+        var mx = -3.0e38;
+        for (var s = 0u; s < {s}u; s++) {{
+            mx = max(mx, x[hb + s * {row}u]);
+        }}
+        var num = 0.0;
+        var den = 0.0;
+        for (var s = 0u; s < {s}u; s++) {{
+            let r = hb + s * {row}u;
+            let w = exp(x[r] - mx);
+            den += w * x[r + 1u];
+            num += w * x[r + 2u + d];
+        }}
+        xs_st(e, num / den);
+    }}
+    workgroupBarrier();
+",
+        hsr = h * s * row,
+        sr = s * row,
+    ))
+}
+
 /// `rmsnorm+add+matmul3+silu_mul+add`: what a fused matvec holds.
 fn describe(g: &BoundGraph, m: &Matvec) -> String {
     let mut parts: Vec<String> = m
@@ -344,6 +388,9 @@ fn describe(g: &BoundGraph, m: &Matvec) -> String {
         .iter()
         .map(|&(p, _)| op_name(&g.nodes[p].op).to_lowercase())
         .collect();
+    if let Some(mg) = &m.merge {
+        parts.push(format!("merge{}", mg.splits));
+    }
     parts.push(format!("matmul{}", m.mats.len()));
     if let Some((a, _)) = m.pair {
         parts.push(match a {
@@ -418,14 +465,17 @@ pub(crate) fn plan_attention(
     let mut nodes = a.absorbed.clone();
     nodes.push(a.attn);
     nodes.sort_unstable();
+    let splits = a.splits.max(1);
+    let split = splits.to_string();
     b.launch_fused(
-        nodes,
+        nodes.clone(),
         "attention",
         &[
             ("PREP", "1"),
             ("QNORM", if qn { "1" } else { "0" }),
             ("KNORM", if kn { "1" } else { "0" }),
             ("ROPE", rope),
+            ("SPLIT", &split),
         ],
         Hooks::new(),
         "",
@@ -455,9 +505,42 @@ pub(crate) fn plan_attention(
             Word::F(rscale as f32),
         ],
         |_| Groups::Linear {
-            n: Lin::t(h as u64),
+            n: Lin::t((h * splits) as u64),
             div: 1,
             z: Lin::c(1),
         },
-    )
+    )?;
+    if splits > 1 && !a.merged_by_consumer {
+        // The partials follow the output row in the same buffer.
+        let out = vb(n.output);
+        b.launch_fused(
+            nodes,
+            "attention_merge",
+            &[("SPLIT", &split)],
+            Hooks::new(),
+            "",
+            vec![out, out],
+            vec![uc(h), uc(c.v_dim), u(Lin::t((h * c.v_dim) as u64))],
+            |_| Groups::Linear {
+                n: Lin::t(h as u64),
+                div: 1,
+                z: Lin::c(1),
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// f32 elements per token that a value's buffer holds beyond the value
+/// itself: a split attention's partial rows [H, S, Dv + 2] after its output.
+pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
+    if a.splits <= 1 {
+        return 0;
+    }
+    let n = &g.nodes[a.attn];
+    let (h, _) = heads(&g.values[n.inputs[0]].shape);
+    let BoundOp::Attention { cache, .. } = &n.op else {
+        return 0;
+    };
+    h * a.splits * (g.caches[*cache].v_dim + 2)
 }

@@ -233,6 +233,10 @@ pub struct Plan {
     pub made: Vec<bool>,
     /// The fused schedule the launches come from.
     pub groups: Vec<fuse::Group>,
+    /// (root value, f32 elements per token): buffers that hold more than
+    /// their value, after it (a split attention's partials).
+    #[serde(default)]
+    pub extra: Vec<(usize, u64)>,
 }
 
 impl Plan {
@@ -242,6 +246,18 @@ impl Plan {
             .iter()
             .filter(|l| matches!(l, Launch::Kernel { .. }))
             .count()
+    }
+
+    /// Bytes of the buffer of root value `v` for `t` tokens: the value and
+    /// whatever [`Plan::extra`] puts after it.
+    pub fn value_bytes(&self, g: &BoundGraph, v: usize, t: usize) -> u64 {
+        let extra: u64 = self
+            .extra
+            .iter()
+            .filter(|e| e.0 == v)
+            .map(|e| e.1 * t as u64)
+            .sum();
+        (g.values[v].numel(t) as u64 + extra) * 4
     }
 }
 
@@ -483,6 +499,7 @@ pub fn plan_with(
                 if m.mats.len() == 1
                     && m.pair.is_none()
                     && m.prologue.is_empty()
+                    && m.merge.is_none()
                     && m.epilogue.is_empty() =>
             {
                 plan_node(&mut b, g, m.mats[0], &mut weights, &value_buf, tiled)?
@@ -491,6 +508,16 @@ pub fn plan_with(
             Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
     }
+    let extra = groups
+        .iter()
+        .filter_map(|gr| match gr {
+            Group::Attention(a) if a.splits > 1 => Some((
+                value_buf[g.nodes[a.attn].output],
+                hooks::extra_elements(g, a) as u64,
+            )),
+            _ => None,
+        })
+        .collect();
     Ok(Plan {
         bucket,
         kernels: b.kernels,
@@ -499,6 +526,7 @@ pub fn plan_with(
         weights,
         made,
         groups,
+        extra,
     })
 }
 
@@ -728,7 +756,7 @@ fn plan_node(
             b.launch(
                 i,
                 "attention",
-                &[("PREP", "0")],
+                &[("PREP", "0"), ("SPLIT", "1")],
                 vec![
                     vb(n.inputs[0]),
                     Buf::KCache(*cache),

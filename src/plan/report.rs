@@ -41,7 +41,7 @@ pub fn intervals(g: &BoundGraph, p: &Plan, t: usize) -> (Vec<usize>, Vec<Interva
         }
         ids.push(v);
         iv.push(Interval {
-            size: (g.values[v].numel(t) * 4) as u64,
+            size: p.value_bytes(g, v, t),
             first: first[v],
             last: last[v].max(first[v]),
         });

@@ -93,6 +93,9 @@ fn check(g: &BoundGraph, p: &Plan) -> std::result::Result<(), String> {
     if p.value_buf.iter().any(|&v| v >= g.values.len()) {
         return Err("a value alias is out of range".into());
     }
+    if p.extra.iter().any(|&(v, _)| v >= g.values.len()) {
+        return Err("a buffer size names a value out of range".into());
+    }
     let buf_ok = |b: &Buf| match b {
         Buf::Value(v) => *v < g.values.len(),
         Buf::Raw { weight, chunk } => p
