@@ -13,7 +13,8 @@
 //! bytes, the uniform `p: Params`, inputs, outputs) and
 //!   prologue(m, g): with XS > 0 stage the input row in `xs` (after any
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
-//!   x_in(i): the input element i (XS == 0);
+//!   x_in(i), x_in4(i): the input element i, elements i..i+4 (XS == 0;
+//!     x_in4 only at i % 4 == 0);
 //!   store(seg, m, n, a, b): write row n of weight `seg` (a; PAIR: b too).
 //! The default hook is the plain matmul: y[m * ldy + n_offset + base + n]
 //! where base is the row's segment start (Q, K, V rows concatenated), and
@@ -126,10 +127,7 @@ fn x8(xo: u32, e: u32) -> X8 {
 #if XS
     return X8(xs[e >> 2u], xs[(e >> 2u) + 1u]);
 #else
-    return X8(
-        vec4<f32>(x1(xo, e), x1(xo, e + 1u), x1(xo, e + 2u), x1(xo, e + 3u)),
-        vec4<f32>(x1(xo, e + 4u), x1(xo, e + 5u), x1(xo, e + 6u), x1(xo, e + 7u)),
-    );
+    return X8(x_in4(xo + e), x_in4(xo + e + 4u));
 #endif
 }
 
@@ -166,6 +164,10 @@ fn load_word_c(i: u32) -> u32 {
 
 fn x_in(i: u32) -> f32 {
     return x[i];
+}
+
+fn x_in4(i: u32) -> vec4<f32> {
+    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
 }
 
 fn prologue(m: u32, g: u32) {

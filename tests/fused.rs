@@ -118,11 +118,13 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         // every layer: 1e-3 with f32 arithmetic (the single kernels meet
         // 1e-4; the unfused GPU plan is no closer), 3e-2 with f16 products.
         // Against the same feature set's unfused GPU plan, a fused plan
-        // must agree to 1e-5 (f32) or 1e-2 (f16).
+        // must agree to 1e-4 (f32: what a single kernel meets against the
+        // CPU; the quantized dot products subtract Σx from a biased sum,
+        // so a last-bit difference in a fused input grows ~30x) or 1e-2 (f16).
         let (tol_cpu, tol_unfused) = if ctx.features.f16 {
             (3e-2, 1e-2)
         } else {
-            (1e-3, 1e-5)
+            (1e-3, 1e-4)
         };
         let unfused = gpu_run(&ctx, &g, &b, &FuseOptions::none());
         let e = worst(&unfused, &cpu);

@@ -9,7 +9,7 @@
 //! - `//! wg_storage: EXPR` gives the workgroup memory a variant uses, in
 //!   bytes, as an expression over the knobs;
 //! - `{{NAME}}` is replaced by the knob's value;
-//! - lines `#if EXPR`, `#else`, `#endif` keep or drop the lines between them
+//! - lines `#if EXPR`, `#elif EXPR`, `#else`, `#endif` keep or drop the lines between them
 //!   (EXPR is a graph expression over the knobs, see [`crate::graph::expr`];
 //!   string knobs compare as `DTYPE == 'Q4_K'`);
 //! - a line `#include FILE` splices kernels/lib/FILE (shared WGSL such as
@@ -511,6 +511,17 @@ impl Template {
                     })?;
                 let on = v != Value::Num(0.0);
                 stack.push((on, on));
+            } else if let Some(c) = t.strip_prefix("#elif ") {
+                let v = expr::parse(c)
+                    .and_then(|p| p.eval(&KnobEnv(k)))
+                    .map_err(|e| {
+                        self.fail(k, format!("body line {}: #elif {c}: {}", n + 1, e.msg))
+                    })?;
+                let top = stack.last_mut().ok_or_else(|| {
+                    self.fail(k, format!("body line {}: #elif without #if", n + 1))
+                })?;
+                let on = !top.1 && v != Value::Num(0.0);
+                *top = (on, top.1 || on);
             } else if t.starts_with("#else") {
                 let top = stack.last_mut().ok_or_else(|| {
                     self.fail(k, format!("body line {}: #else without #if", n + 1))

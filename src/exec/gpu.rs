@@ -851,13 +851,14 @@ impl crate::session::Backend for GpuBackend<'_> {
         let t1 = std::time::Instant::now();
         self.ctx.queue.submit([enc.finish()]);
         let t2 = std::time::Instant::now();
-        let id = kernel::read_mapped(self.ctx, staging, 1)?;
+        let mut id = [0u32; 1];
+        kernel::read_mapped_into(self.ctx, staging, &mut id)?;
         let t3 = std::time::Instant::now();
         self.times.steps += 1;
         self.times.encode += t1 - t0;
         self.times.submit += t2 - t1;
         self.times.wait += t3 - t2;
-        Ok(id[0].to_bits())
+        Ok(id[0])
     }
 
     fn reset(&mut self) {

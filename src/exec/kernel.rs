@@ -44,14 +44,28 @@ impl Kernel {
         Ok(Self::from_wgsl(ctx, &name, wgsl))
     }
 
-    /// Compile WGSL that naga has already validated.
+    /// Compile WGSL that naga has already validated (without wgpu's injected
+    /// bounds checks and loop counters unless KILN_SHADER_CHECKS=1).
     pub fn from_wgsl(ctx: &GpuContext, name: &str, wgsl: String) -> Kernel {
-        let module = ctx
-            .device
-            .create_shader_module(wgpu::ShaderModuleDescriptor {
-                label: Some(name),
-                source: wgpu::ShaderSource::Wgsl(wgsl.as_str().into()),
-            });
+        let desc = wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(wgsl.as_str().into()),
+        };
+        let module = if shader_checks() {
+            ctx.device.create_shader_module(desc)
+        } else {
+            let mut checks = wgpu::ShaderRuntimeChecks::checked();
+            checks.bounds_checks = false;
+            checks.force_loop_bounding = false;
+            // SAFETY: kiln's kernels come from its own templates, validated
+            // by naga; every loop is bounded by plan shapes, and every
+            // index is derived from the bound buffers' shapes (user token
+            // ids are range-checked on the host before upload). Without
+            // wgpu's injected checks each storage access costs a length
+            // clamp and each loop a hidden counter, which kept the
+            // per-row loops from unrolling (see docs/PERF.md).
+            unsafe { ctx.device.create_shader_module_trusted(desc, checks) }
+        };
         let pipeline = ctx
             .device
             .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -215,31 +229,53 @@ pub fn read_bytes(ctx: &GpuContext, buf: &wgpu::Buffer, bytes: u64) -> Result<Ve
 /// wait, and take its first `n` f32 (the buffer is unmapped again, so it
 /// can be reused for the next step).
 pub fn read_mapped(ctx: &GpuContext, staging: &wgpu::Buffer, n: usize) -> Result<Vec<f32>> {
-    let bytes = (n * 4) as u64;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let mut v = vec![0f32; n];
+    read_mapped_into(ctx, staging, &mut v)?;
+    Ok(v)
+}
+
+/// Fill `out` from the start of the MAP_READ buffer `staging` (after the
+/// submit that wrote it) without allocating in kiln: the map callback
+/// answers through a flag made once per thread and reused (0: no answer,
+/// 1: mapped, 2: failed); the blocking poll runs the callback before it
+/// returns.
+pub fn read_mapped_into<T: bytemuck::Pod>(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    out: &mut [T],
+) -> Result<()> {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    use std::sync::Arc;
+    let bytes = std::mem::size_of_val(out) as u64;
+    thread_local! {
+        static STATE: Arc<AtomicU8> = Arc::new(AtomicU8::new(0));
+    }
+    let state = STATE.with(Arc::clone);
+    state.store(0, Ordering::SeqCst);
+    let answer = Arc::clone(&state);
     staging.map_async(wgpu::MapMode::Read, ..bytes.max(4), move |r| {
-        let _ = tx.send(r);
+        answer.store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
     });
     ctx.device
         .poll(wgpu::PollType::wait_indefinitely())
         .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
-    match rx.recv() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(Error::Gpu(format!("reading back a buffer: {e}"))),
-        Err(_) => return Err(Error::Gpu("reading back a buffer: no answer".into())),
+    match state.load(Ordering::SeqCst) {
+        1 => {}
+        2 => return Err(Error::Gpu("reading back a buffer: mapping failed".into())),
+        _ => return Err(Error::Gpu("reading back a buffer: no answer".into())),
     }
     let errors = ctx.take_errors();
     if !errors.is_empty() {
         return Err(Error::Gpu(errors.join("; ")));
     }
-    let v = {
+    {
         let view = staging
             .get_mapped_range(..bytes.max(4))
             .map_err(|e| Error::Gpu(format!("mapping a buffer: {e:?}")))?;
-        bytemuck::pod_collect_to_vec(&view[..bytes as usize])
-    };
+        bytemuck::cast_slice_mut::<T, u8>(out).copy_from_slice(&view[..bytes as usize]);
+    }
     staging.unmap();
-    Ok(v)
+    Ok(())
 }
 
 /// Read `n` f32 from the start of `buf`.
@@ -256,4 +292,12 @@ pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+/// Whether generated kernels keep wgpu's injected runtime checks (bounds
+/// clamps on every storage access, a counter in every loop):
+/// `KILN_SHADER_CHECKS=1` turns them back on, to tell a kernel indexing bug
+/// from a driver problem.
+pub fn shader_checks() -> bool {
+    std::env::var("KILN_SHADER_CHECKS").is_ok_and(|v| v == "1")
 }

@@ -184,7 +184,19 @@ pub(crate) fn plan_matvec(
             (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
             (None, None) => input,
         };
-        bd.add("x", false, vb(start));
+        // Without a staged row the input is read straight from memory: as
+        // 16-byte loads where rows are whole vec4s (every quantized K).
+        let x4 = xs == 0 && m.merge.is_none() && k.is_multiple_of(4);
+        if x4 {
+            let n = bd.bufs.len();
+            let _ = writeln!(
+                bd.decl,
+                "@group(0) @binding({n}) var<storage, read> x: array<vec4<f32>>;"
+            );
+            bd.bufs.push(vb(start));
+        } else {
+            bd.add("x", false, vb(start));
+        }
         let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
         if let Some(mg) = &m.merge {
             pro += &merge_prologue(g, mg, k)?;
@@ -283,8 +295,13 @@ pub(crate) fn plan_matvec(
         st += "}\n";
         let nb = bd.bufs.len();
         let hook = format!(
-            "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\nfn x_in(i: u32) -> f32 {{\n    return x[i];\n}}\n\n{pro}\n{st}",
-            bd.decl
+            "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\n{}\n{pro}\n{st}",
+            bd.decl,
+            if x4 {
+                "fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n"
+            } else {
+                "fn x_in(i: u32) -> f32 {\n    return x[i];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);\n}\n"
+            }
         );
         let mut hooks = Hooks::new();
         hooks.insert("FUSED".into(), hook);
