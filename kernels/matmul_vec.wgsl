@@ -15,6 +15,10 @@
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
 //!   x_in(i), x_in4(i): the input element i, elements i..i+4 (XS == 0;
 //!     x_in4 only at i % 4 == 0);
+//!   with NORM=1 (an RMSNorm folded in as a scale, XS == 0): x_w4(e) the
+//!     norm weight of row elements e..e+4 and NORM_EPS its epsilon; the
+//!     input is read as x_in times x_w, and every dot product is scaled by
+//!     1 / sqrt(mean(x²) + eps) over the raw row;
 //!   store(seg, m, n, a, b): write row n of weight `seg` (a; PAIR: b too).
 //! The default hook is the plain matmul: y[m * ldy + n_offset + base + n]
 //! where base is the row's segment start (Q, K, V rows concatenated), and
@@ -33,8 +37,9 @@
 //! knob ROWS: 1 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
-//! cover: DTYPE_B DTYPE_C PAIR XS
-//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE'))
+//! knob NORM: 0 1
+//! cover: DTYPE_B DTYPE_C PAIR XS NORM
+//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0)
 //! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
@@ -75,6 +80,10 @@ fn xs_st(e: u32, v: f32) {
 #endif
 
 var<private> lid_: u32;
+#if NORM
+// 1 / rms of this token's raw input row.
+var<private> norm_r_: f32;
+#endif
 #if SUBGROUPS
 var<private> sg_lane_: u32;
 var<private> sg_id_: u32;
@@ -117,6 +126,8 @@ struct X8 {
 fn x1(xo: u32, e: u32) -> f32 {
 #if XS
     return xs_ld(e);
+#elif NORM
+    return x_in(xo + e) * x_w4(e & ~3u)[e & 3u];
 #else
     return x_in(xo + e);
 #endif
@@ -127,7 +138,11 @@ fn x8(xo: u32, e: u32) -> X8 {
 #if XS
     return X8(xs[e >> 2u], xs[(e >> 2u) + 1u]);
 #else
+#if NORM
+    return X8(x_in4(xo + e) * x_w4(e), x_in4(xo + e + 4u) * x_w4(e + 4u));
+#else
     return X8(x_in4(xo + e), x_in4(xo + e + 4u));
+#endif
 #endif
 }
 
@@ -170,6 +185,12 @@ fn x_in4(i: u32) -> vec4<f32> {
     return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
 }
 
+fn x_w4(e: u32) -> vec4<f32> {
+    return vec4<f32>(1.0);
+}
+
+const NORM_EPS: f32 = 1e-6;
+
 fn prologue(m: u32, g: u32) {
 #if XS
     for (var e = lid_; e < p.k; e += WG) {
@@ -209,6 +230,16 @@ fn main(
     let g = wg.x + wg.y * nwg.x;
     let m = wg.z;
     prologue(m, g);
+#if NORM
+    // The folded RMSNorm: Σ x² over the raw row (p.k % 4 == 0), before any
+    // workgroup returns (wg_sum needs uniform control flow).
+    var ssq = 0.0;
+    for (var i = lid; i < p.k / 4u; i += WG) {
+        let v = x_in4(m * p.k + 4u * i);
+        ssq += dot(v, v);
+    }
+    norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
+#endif
     let ga = (p.na + ROWS - 1u) / ROWS;
     let gb = (p.nb + ROWS - 1u) / ROWS;
     let gc = (p.nc + ROWS - 1u) / ROWS;
@@ -271,6 +302,10 @@ fn main(
             tb += partial[(ROWS + lid) * WG + s];
 #endif
         }
+#if NORM
+        ta *= norm_r_;
+        tb *= norm_r_;
+#endif
         store(seg, m, n0 + lid, ta, tb);
     }
 #else
@@ -290,11 +325,16 @@ fn main(
         workgroupBarrier();
     }
     if lid < ROWS && n0 + lid < nseg {
+        var ta = partial[lid * WG];
         var tb = 0.0;
 #if PAIR
         tb = partial[(ROWS + lid) * WG];
 #endif
-        store(seg, m, n0 + lid, partial[lid * WG], tb);
+#if NORM
+        ta *= norm_r_;
+        tb *= norm_r_;
+#endif
+        store(seg, m, n0 + lid, ta, tb);
     }
 #endif
 }

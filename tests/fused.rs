@@ -91,6 +91,14 @@ fn gpu_run(
     } else {
         assert_eq!(splits, 1, "{opts:?}");
     }
+    if opts.stage_up_to_k == Some(0) {
+        let scaled = gpu.plans()[0]
+            .groups
+            .iter()
+            .filter(|gr| matches!(gr, Group::Matvec(m) if m.scaled))
+            .count();
+        assert!(scaled > 0, "{opts:?}: no RMSNorm folded in as a scale");
+    }
     let pre = gpu.forward(&PROMPT, false).unwrap();
     let dec = DECODE
         .iter()
@@ -135,10 +143,19 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         let forced = |s: usize, off: &[&str]| FuseOptions {
             disabled: off.iter().map(|p| p.to_string()).collect(),
             splits: Some(s),
+            ..Default::default()
         };
         let mut configs = vec![
             ("all passes".to_string(), FuseOptions::default()),
             ("8 splits".to_string(), forced(8, &[])),
+            (
+                // What rows longer than PROLOGUE_PAYS_UP_TO_K get.
+                "no staged rows: RMSNorm folded in as a scale".to_string(),
+                FuseOptions {
+                    stage_up_to_k: Some(0),
+                    ..Default::default()
+                },
+            ),
         ];
         if req == FeatureRequest::EVERY[0] || req == FeatureRequest::EVERY[3] {
             for pass in PASSES {

@@ -144,6 +144,14 @@ fn check_matmul(
         .max()
         .map(|c| [99, 96, 512][c])
         .unwrap_or(99);
+    // NORM=1 (an RMSNorm folded in as a scale; the default hook has no norm
+    // weight and eps 1e-6) reads whole vec4 rows: K a multiple of 4.
+    let norm = knobs.get("NORM").is_some_and(|v| v == "1");
+    let kk: usize = if norm {
+        (kk as usize).next_multiple_of(4)
+    } else {
+        kk
+    };
     let x = rng.vec(s.m * kk);
     let mut all_w = Vec::new();
     let mut outs = Vec::new();
@@ -177,6 +185,14 @@ fn check_matmul(
             }
             if nc > 0 {
                 want[m * width + 2 * s.n + j] = outs[2][m * s.n + j];
+            }
+        }
+        if norm {
+            let row = &x[m * kk..(m + 1) * kk];
+            let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / kk as f64;
+            let r = (1.0 / (ms + 1e-6).sqrt()) as f32;
+            for v in &mut want[m * width..(m + 1) * width] {
+                *v *= r;
             }
         }
     }
@@ -583,6 +599,7 @@ fn print_speed() {
                 ("DTYPE_C", "NONE"),
                 ("PAIR", "0"),
                 ("XS", xs),
+                ("NORM", "0"),
             ]
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -12,7 +12,9 @@
 //! - `prologue`: the row-local ops a matmul's input comes from (RMSNorm,
 //!   adds, scales, activations, back to the last matmul or embedding) run
 //!   on its load; values others still need are written by one workgroup.
-//!   Only where it pays: rows up to [`PROLOGUE_PAYS_UP_TO_K`] elements;
+//!   Staged only where it pays: rows up to [`PROLOGUE_PAYS_UP_TO_K`]
+//!   elements; a longer row folds a lone RMSNorm in as a scale of the dot
+//!   products ([`Matvec::scaled`]);
 //! - `attention`: in decode, the per-head norm and rotary embedding of q and
 //!   k and the KV-cache write run inside the attention dispatch;
 //! - `split`: a fused decode attention runs as split-K over the cache length
@@ -68,6 +70,12 @@ pub struct Matvec {
     /// (instead of a prologue chain).
     #[serde(default)]
     pub merge: Option<Merge>,
+    /// The prologue is one RMSNorm too long to stage, folded in as a scale:
+    /// the kernel reads the raw row times the norm weight, sums its squares
+    /// on the way, and scales each dot product by 1/rms (RMSNorm is linear
+    /// up to that scalar).
+    #[serde(default)]
+    pub scaled: bool,
 }
 
 /// A matmul prologue merging a split decode attention's partials.
@@ -153,6 +161,10 @@ pub struct FuseOptions {
     /// Force the split count of every fused decode attention (1, 2, 4, 8,
     /// 16 or 32; tests and tuning) instead of [`attention_splits`]'s choice.
     pub splits: Option<usize>,
+    /// Stage prologue rows up to this many elements (default
+    /// [`PROLOGUE_PAYS_UP_TO_K`]); longer rows fold a lone RMSNorm in as a
+    /// scale instead. Tests set 0 to exercise the scaled form on small models.
+    pub stage_up_to_k: Option<usize>,
 }
 
 impl FuseOptions {
@@ -166,6 +178,7 @@ impl FuseOptions {
         FuseOptions {
             disabled: PASSES.iter().map(|s| s.to_string()).collect(),
             splits: None,
+            stage_up_to_k: None,
         }
     }
 }
@@ -326,7 +339,11 @@ pub fn fuse(g: &BoundGraph, opts: &FuseOptions, decode: bool) -> Vec<Group> {
         for gr in &mut groups {
             if let Group::Matvec(m) = gr {
                 if m.merge.is_none() {
-                    prologue(&mut cx, m);
+                    prologue(
+                        &mut cx,
+                        m,
+                        opts.stage_up_to_k.unwrap_or(PROLOGUE_PAYS_UP_TO_K),
+                    );
                 }
             }
         }
@@ -445,11 +462,12 @@ fn epilogue(cx: &mut Ctx, m: &mut Matvec) {
 /// per weight byte than a separate norm dispatch plus a plain matmul).
 pub const PROLOGUE_PAYS_UP_TO_K: usize = 2048;
 
-fn prologue(cx: &mut Ctx, m: &mut Matvec) {
+fn prologue(cx: &mut Ctx, m: &mut Matvec, stage_up_to_k: usize) {
     let g = cx.g;
     let anchor = m.mats[0];
     let k = weight_k(g, anchor);
-    if k > PROLOGUE_PAYS_UP_TO_K {
+    if k > stage_up_to_k {
+        scaled_norm(cx, m, k);
         return;
     }
     let mut chain: Vec<(usize, usize)> = Vec::new();
@@ -500,6 +518,34 @@ fn prologue(cx: &mut Ctx, m: &mut Matvec) {
     }
     chain.reverse();
     m.prologue = chain;
+}
+
+/// A row too long to stage: fold the RMSNorm that makes the matmul's input
+/// in as a scale ([`Matvec::scaled`]) when nothing else reads the normalized
+/// row (it is never written) and rows are whole vec4s.
+fn scaled_norm(cx: &mut Ctx, m: &mut Matvec, k: usize) {
+    let g = cx.g;
+    let v = g.nodes[m.mats[0]].inputs[0];
+    let Some(p) = cx.producer[v] else { return };
+    let n = &g.nodes[p];
+    let inside = |c: usize| m.mats.contains(&c);
+    let ok = !cx.taken[p]
+        && matches!(n.op, BoundOp::RmsNorm { .. })
+        && k.is_multiple_of(4)
+        && has_tokens(g, v)
+        && per_token(g, v) == k
+        && last_dim(g, v) == k
+        && v != g.output
+        && cx.consumers[v]
+            .iter()
+            .all(|&c| c != usize::MAX && inside(c))
+        && has_tokens(g, n.inputs[0])
+        && per_token(g, n.inputs[0]) == k;
+    if ok {
+        m.prologue = vec![(p, 0)];
+        m.scaled = true;
+        cx.taken[p] = true;
+    }
 }
 
 /// Split every fused decode attention over its keys, and hand the merge to

@@ -134,7 +134,7 @@ pub(crate) fn plan_matvec(
         )));
     }
     let pair = m.pair.is_some();
-    let xs = if m.prologue.is_empty() && m.merge.is_none() {
+    let xs = if (m.prologue.is_empty() || m.scaled) && m.merge.is_none() {
         0
     } else {
         *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
@@ -153,6 +153,7 @@ pub(crate) fn plan_matvec(
         ("DTYPE_C", dt_c.as_str()),
         ("PAIR", if pair { "1" } else { "0" }),
         ("XS", xs_s.as_str()),
+        ("NORM", if m.scaled { "1" } else { "0" }),
     ];
     let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
     nodes.sort_unstable();
@@ -196,6 +197,34 @@ pub(crate) fn plan_matvec(
             bd.bufs.push(vb(start));
         } else {
             bd.add("x", false, vb(start));
+        }
+        // The folded RMSNorm: its weight, as vec4s, and its epsilon.
+        let mut norm = String::new();
+        if m.scaled {
+            let Some(BoundOp::RmsNorm { weight, eps }) =
+                m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
+            else {
+                return Err(Error::Gpu(
+                    "internal: a scaled prologue is not an RMSNorm".into(),
+                ));
+            };
+            let wmul = match weight {
+                Some(w) => {
+                    weights[*w].f32_copy = true;
+                    let n = bd.bufs.len();
+                    let _ = writeln!(
+                        bd.decl,
+                        "@group(0) @binding({n}) var<storage, read> nw: array<vec4<f32>>;"
+                    );
+                    bd.bufs.push(Buf::F32(*w));
+                    "nw[e >> 2u]"
+                }
+                None => "vec4<f32>(1.0)",
+            };
+            norm = format!(
+                "fn x_in(i: u32) -> f32 {{\n    return x[i >> 2u][i & 3u];\n}}\n\nfn x_in4(i: u32) -> vec4<f32> {{\n    return x[i >> 2u];\n}}\n\nfn x_w4(e: u32) -> vec4<f32> {{\n    return {wmul};\n}}\n\nconst NORM_EPS: f32 = {};\n",
+                lit(*eps)
+            );
         }
         let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
         if let Some(mg) = &m.merge {
@@ -297,7 +326,9 @@ pub(crate) fn plan_matvec(
         let hook = format!(
             "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\n{}\n{pro}\n{st}",
             bd.decl,
-            if x4 {
+            if m.scaled {
+                norm.as_str()
+            } else if x4 {
                 "fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n"
             } else {
                 "fn x_in(i: u32) -> f32 {\n    return x[i];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);\n}\n"
