@@ -9,6 +9,7 @@ use kiln::exec::gpu::GpuBackend;
 use kiln::exec::{FeatureRequest, GpuContext};
 use kiln::graph::Graph;
 use kiln::model::gguf::Gguf;
+use kiln::plan::{FuseOptions, PASSES};
 use kiln::reference::Reference;
 use kiln::session::Backend;
 
@@ -167,12 +168,19 @@ fn gemma3_agrees_with_llamacpp() {
 
 /// Both fixture checks on the GPU backend in one feature set.
 fn gpu_checks(file: &str, graph: &str, stem: &str, req: FeatureRequest) {
+    gpu_checks_with(file, graph, stem, req, &FuseOptions::default());
+}
+
+/// Both fixture checks on the GPU backend in one feature set, with the
+/// fusion passes `opts` leaves on.
+fn gpu_checks_with(file: &str, graph: &str, stem: &str, req: FeatureRequest, opts: &FuseOptions) {
     let m = load(file, graph);
     let ctx = GpuContext::with_features(req)
         .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)"));
     // Weights are uploaded once; each case gets a fresh KV cache by reset.
-    let backend =
-        std::cell::RefCell::new(GpuBackend::new(&ctx, &m.bound, &m.gguf, 256, false).unwrap());
+    let backend = std::cell::RefCell::new(
+        GpuBackend::with_fusion(&ctx, &m.bound, &m.gguf, 256, false, opts).unwrap(),
+    );
     struct Shared<'r, 'a>(&'r std::cell::RefCell<GpuBackend<'a>>);
     impl Backend for Shared<'_, '_> {
         fn forward(
@@ -205,14 +213,39 @@ fn gpu_smollm2_every_feature_set() {
     }
 }
 
-// Not yet verified end to end on lavapipe (its run is long and was not
-// completed before this commit); run it with `--ignored`.
+/// Both fixture checks with each fusion pass off in turn (all features): a
+/// pass that breaks a real model shows up here by name.
+fn gpu_checks_each_pass_off(file: &str, graph: &str, stem: &str) {
+    for pass in PASSES {
+        eprintln!("{stem} on the GPU with --no-fuse {pass}");
+        let opts = FuseOptions {
+            disabled: vec![pass.to_string()],
+            ..Default::default()
+        };
+        gpu_checks_with(file, graph, stem, FeatureRequest::EVERY[3], &opts);
+    }
+}
+
+#[test]
+fn gpu_smollm2_each_pass_off() {
+    gpu_checks_each_pass_off(SMOLLM2, "llama.ron", "smollm2-135m-q4_1");
+}
+
+// Long suite (run with `--ignored`): Gemma 3 end to end takes ~13 minutes
+// on lavapipe and 2 cores for the four feature sets.
 #[test]
 #[ignore]
 fn gpu_gemma3_every_feature_set() {
     for req in FeatureRequest::EVERY {
         gpu_checks(GEMMA3, "gemma3.ron", "gemma3-270m-q4_k_m", req);
     }
+}
+
+/// Long suite: Gemma 3 with each fusion pass off in turn.
+#[test]
+#[ignore]
+fn gpu_gemma3_each_pass_off() {
+    gpu_checks_each_pass_off(GEMMA3, "gemma3.ron", "gemma3-270m-q4_k_m");
 }
 
 /// Prefill of n tokens and n single-token decode steps give the same logits.
