@@ -193,10 +193,18 @@ const TARGET_ATTENTION_WORKGROUPS: usize = 256;
 /// outweighs the keys it scores.
 const MIN_KEYS_PER_SPLIT: usize = 64;
 
+/// The most splits the planner picks. Measured on an H200 at a 514-position
+/// cache: the attention kernel's time is mostly fixed cost, so more splits
+/// barely shorten it, while the merge grows with S (SmolLM2's output
+/// projection merging 32 splits in its prologue took 40% of the decode
+/// step; the 8B shape's merge dispatch 227 -> 366 µs from 8 to 32 splits).
+pub const MAX_ATTENTION_SPLITS: usize = 8;
+
 /// The split-K count of a decode attention with `heads` query heads that
 /// attends to at most `keys` keys (the context, or the sliding window):
 /// the smallest power of two giving `heads · S ≥` [`TARGET_ATTENTION_WORKGROUPS`],
-/// at most 32 (the merge reads S partial rows per output element), and
+/// at most [`MAX_ATTENTION_SPLITS`] (the merge reads S partial rows per
+/// output element), and
 /// lowered until each split covers at least [`MIN_KEYS_PER_SPLIT`] keys of
 /// the longest context. 1 (one workgroup per head, no merge) when the
 /// heads alone fill the GPU or the context is short. Fixed at plan time (a
@@ -204,7 +212,7 @@ const MIN_KEYS_PER_SPLIT: usize = 64;
 /// the keys attended at each step among the splits.
 pub fn attention_splits(heads: usize, keys: usize) -> usize {
     let mut s = 1;
-    while heads * s < TARGET_ATTENTION_WORKGROUPS && s < 32 {
+    while heads * s < TARGET_ATTENTION_WORKGROUPS && s < MAX_ATTENTION_SPLITS {
         s *= 2;
     }
     while s > 1 && keys / s < MIN_KEYS_PER_SPLIT {
