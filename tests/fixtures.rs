@@ -231,7 +231,7 @@ fn gpu_smollm2_each_pass_off() {
     gpu_checks_each_pass_off(SMOLLM2, "llama.ron", "smollm2-135m-q4_1");
 }
 
-// Long suite (run with `--ignored`): Gemma 3 end to end takes ~13 minutes
+// Long suite (run with `--ignored`): Gemma 3 end to end takes 15-25 minutes
 // on lavapipe and 2 cores for the four feature sets.
 #[test]
 #[ignore]
