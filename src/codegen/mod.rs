@@ -501,26 +501,24 @@ impl Template {
         // Stack of (this branch is kept, some branch was taken).
         let mut stack: Vec<(bool, bool)> = Vec::new();
         let kept = |s: &Vec<(bool, bool)>| s.iter().all(|e| e.0);
+        // The value of an `#if` / `#elif` condition (line n, 0-based).
+        let cond = |n: usize, dir: &str, c: &str| -> Result<bool, CodegenError> {
+            expr::parse(c)
+                .and_then(|p| p.eval(&KnobEnv(k)))
+                .map(|v| v != Value::Num(0.0))
+                .map_err(|e| self.fail(k, format!("body line {}: {dir} {c}: {}", n + 1, e.msg)))
+        };
         for (n, line) in body.lines().enumerate() {
             let t = line.trim_start();
             if let Some(c) = t.strip_prefix("#if ") {
-                let v = expr::parse(c)
-                    .and_then(|p| p.eval(&KnobEnv(k)))
-                    .map_err(|e| {
-                        self.fail(k, format!("body line {}: #if {c}: {}", n + 1, e.msg))
-                    })?;
-                let on = v != Value::Num(0.0);
+                let on = cond(n, "#if", c)?;
                 stack.push((on, on));
             } else if let Some(c) = t.strip_prefix("#elif ") {
-                let v = expr::parse(c)
-                    .and_then(|p| p.eval(&KnobEnv(k)))
-                    .map_err(|e| {
-                        self.fail(k, format!("body line {}: #elif {c}: {}", n + 1, e.msg))
-                    })?;
+                let v = cond(n, "#elif", c)?;
                 let top = stack.last_mut().ok_or_else(|| {
                     self.fail(k, format!("body line {}: #elif without #if", n + 1))
                 })?;
-                let on = !top.1 && v != Value::Num(0.0);
+                let on = !top.1 && v;
                 *top = (on, top.1 || on);
             } else if t.starts_with("#else") {
                 let top = stack.last_mut().ok_or_else(|| {

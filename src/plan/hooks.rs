@@ -43,11 +43,16 @@ struct Binds {
 
 impl Binds {
     fn add(&mut self, name: &str, write: bool, buf: Buf) {
+        self.add_as(name, write, buf, "f32");
+    }
+
+    /// A binding of `elem` elements (`vec4<f32>` for 16-byte loads).
+    fn add_as(&mut self, name: &str, write: bool, buf: Buf, elem: &str) {
         let n = self.bufs.len();
         let access = if write { "read_write" } else { "read" };
         let _ = writeln!(
             self.decl,
-            "@group(0) @binding({n}) var<storage, {access}> {name}: array<f32>;"
+            "@group(0) @binding({n}) var<storage, {access}> {name}: array<{elem}>;"
         );
         self.bufs.push(buf);
     }
@@ -188,18 +193,15 @@ pub(crate) fn plan_matvec(
         // Without a staged row the input is read straight from memory: as
         // 16-byte loads where rows are whole vec4s (every quantized K).
         let x4 = xs == 0 && m.merge.is_none() && k.is_multiple_of(4);
-        if x4 {
-            let n = bd.bufs.len();
-            let _ = writeln!(
-                bd.decl,
-                "@group(0) @binding({n}) var<storage, read> x: array<vec4<f32>>;"
-            );
-            bd.bufs.push(vb(start));
+        let mut x_fns = if x4 {
+            bd.add_as("x", false, vb(start), "vec4<f32>");
+            String::from("fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n")
         } else {
             bd.add("x", false, vb(start));
-        }
-        // The folded RMSNorm: its weight, as vec4s, and its epsilon.
-        let mut norm = String::new();
+            String::from("fn x_in(i: u32) -> f32 {\n    return x[i];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);\n}\n")
+        };
+        // The folded RMSNorm (rows of whole vec4s, so x4): its weight, as
+        // vec4s, and its epsilon.
         if m.scaled {
             let Some(BoundOp::RmsNorm { weight, eps }) =
                 m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
@@ -211,18 +213,14 @@ pub(crate) fn plan_matvec(
             let wmul = match weight {
                 Some(w) => {
                     weights[*w].f32_copy = true;
-                    let n = bd.bufs.len();
-                    let _ = writeln!(
-                        bd.decl,
-                        "@group(0) @binding({n}) var<storage, read> nw: array<vec4<f32>>;"
-                    );
-                    bd.bufs.push(Buf::F32(*w));
+                    bd.add_as("nw", false, Buf::F32(*w), "vec4<f32>");
                     "nw[e >> 2u]"
                 }
                 None => "vec4<f32>(1.0)",
             };
-            norm = format!(
-                "fn x_in(i: u32) -> f32 {{\n    return x[i >> 2u][i & 3u];\n}}\n\nfn x_in4(i: u32) -> vec4<f32> {{\n    return x[i >> 2u];\n}}\n\nfn x_w4(e: u32) -> vec4<f32> {{\n    return {wmul};\n}}\n\nconst NORM_EPS: f32 = {};\n",
+            let _ = write!(
+                x_fns,
+                "\nfn x_w4(e: u32) -> vec4<f32> {{\n    return {wmul};\n}}\n\nconst NORM_EPS: f32 = {};\n",
                 lit(*eps)
             );
         }
@@ -324,15 +322,8 @@ pub(crate) fn plan_matvec(
         st += "}\n";
         let nb = bd.bufs.len();
         let hook = format!(
-            "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\n{}\n{pro}\n{st}",
-            bd.decl,
-            if m.scaled {
-                norm.as_str()
-            } else if x4 {
-                "fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n"
-            } else {
-                "fn x_in(i: u32) -> f32 {\n    return x[i];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);\n}\n"
-            }
+            "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\n{x_fns}\n{pro}\n{st}",
+            bd.decl
         );
         let mut hooks = Hooks::new();
         hooks.insert("FUSED".into(), hook);
