@@ -14,7 +14,8 @@
 //!   prologue(m, g): with XS > 0 stage the input row in `xs` (after any
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
 //!   x_in(i), x_in4(i): the input element i, elements i..i+4 (XS == 0;
-//!     x_in4 only at i % 4 == 0);
+//!     x_in4 only at i % 4 == 0); with XQ=1 instead xq_in(i): word i of
+//!     the quantized input;
 //!   with NORM=1 (an RMSNorm folded in as a scale, XS == 0): x_w4(e) the
 //!     norm weight of row elements e..e+4 and NORM_EPS its epsilon; the
 //!     input is read as x_in times x_w, and every dot product is scaled by
@@ -28,6 +29,11 @@
 //! WG invocations stride over 8-element pieces of K and reduce (through
 //! subgroups with SUBGROUPS=1, never assuming their size). F16=1 does the
 //! products in f16 (4-wide dots), accumulating in f32.
+//! XQ=1 (every weight dtype Q4_0, Q4_1, Q8_0, Q4_K or Q6_K; K % 32 == 0):
+//! the input arrives quantized to int8 per 32-element block, as
+//! quantize_rows writes it (hook xq_in(i): word i of that buffer, row m at
+//! p.xqo + m * (K/4 + K/32)); the products are integer 4-wide dot products
+//! of the packed weight fields with q (dot4I8Packed), scaled once per piece.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
 //! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL NONE
 //! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
@@ -38,8 +44,9 @@
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
 //! knob NORM: 0 1
-//! cover: DTYPE_B DTYPE_C PAIR XS NORM
-//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0)
+//! knob XQ: 0 1
+//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ
+//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K')))
 //! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
@@ -54,7 +61,8 @@ struct Params {
     nc: u32,
     n_offset: u32,
     ldy: u32,
-    _pad: u32,
+    // XQ: the word where row 0 of the quantized input starts.
+    xqo: u32,
 }
 
 const WG: u32 = {{WG}}u;
@@ -76,6 +84,34 @@ fn xs_ld(e: u32) -> f32 {
 
 fn xs_st(e: u32, v: f32) {
     xs[e >> 2u][e & 3u] = v;
+}
+#endif
+
+#if XQ
+// One piece's share of the quantized input (matvec_rows.wgsl's xq_piece
+// says which words): up to four words of q, each word's block scale d, and
+// d · Σ q over the word.
+struct XP {
+    q: vec4<u32>,
+    d: vec4<f32>,
+    s: vec4<f32>,
+}
+
+// Word where this token's quantized row starts.
+var<private> xqo_: u32;
+
+// The word of q holding elements e..e+4 (e % 4 == 0), and its block scale.
+fn xq_word(e: u32) -> u32 {
+    return xq_in(xqo_ + (e >> 2u));
+}
+
+fn xq_d(e: u32) -> f32 {
+    return bitcast<f32>(xq_in(xqo_ + p.k / 4u + (e >> 5u)));
+}
+
+// d · Σ q over word w with block scale d.
+fn xq_sum(w: u32, d: f32) -> f32 {
+    return d * f32(dot4I8Packed(w, 0x01010101u));
 }
 #endif
 
@@ -123,6 +159,7 @@ struct X8 {
     b: vec4<f32>,
 }
 
+#if XQ == 0
 fn x1(xo: u32, e: u32) -> f32 {
 #if XS
     return xs_ld(e);
@@ -145,6 +182,7 @@ fn x8(xo: u32, e: u32) -> X8 {
 #endif
 #endif
 }
+#endif
 
 fn load_word_a(i: u32) -> u32 {
     return w_a[i];
@@ -173,10 +211,19 @@ fn load_word_c(i: u32) -> u32 {
 #if DTYPE_C != 'NONE'
 @group(0) @binding(2) var<storage, read> w_c: array<u32>;
 #endif
+#if XQ
+@group(0) @binding(3) var<storage, read> x: array<u32>;
+#else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+#endif
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<uniform> p: Params;
 
+#if XQ
+fn xq_in(i: u32) -> u32 {
+    return x[i];
+}
+#else
 fn x_in(i: u32) -> f32 {
     return x[i];
 }
@@ -184,6 +231,7 @@ fn x_in(i: u32) -> f32 {
 fn x_in4(i: u32) -> vec4<f32> {
     return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
 }
+#endif
 
 fn x_w4(e: u32) -> vec4<f32> {
     return vec4<f32>(1.0);
@@ -239,6 +287,9 @@ fn main(
         ssq += dot(v, v);
     }
     norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
+#endif
+#if XQ
+    xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
 #endif
     let ga = (p.na + ROWS - 1u) / ROWS;
     let gb = (p.nb + ROWS - 1u) / ROWS;

@@ -78,6 +78,12 @@ struct ModelArgs {
     /// siblings, gated, epilogue, prologue, attention, split.
     #[arg(long = "no-fuse", value_name = "PASS")]
     no_fuse: Vec<String>,
+    /// Keep matmul inputs in f32. By default decode matmuls with rows over
+    /// 2048 elements and Q4_0/Q4_1/Q8_0/Q4_K/Q6_K weights read their input
+    /// quantized to int8 per 32 elements (integer dot products), as
+    /// llama.cpp does.
+    #[arg(long)]
+    f32_activations: bool,
 }
 
 impl ModelArgs {
@@ -85,6 +91,7 @@ impl ModelArgs {
         kiln::plan::report::check_passes(&self.no_fuse)?;
         Ok(kiln::plan::FuseOptions {
             disabled: self.no_fuse.clone(),
+            f32_activations: self.f32_activations,
             ..Default::default()
         })
     }

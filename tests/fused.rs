@@ -91,7 +91,16 @@ fn gpu_run(
     } else {
         assert_eq!(splits, 1, "{opts:?}");
     }
-    if opts.stage_up_to_k == Some(0) {
+    let int8 = gpu.plans()[0]
+        .kernels
+        .iter()
+        .any(|k| k.name().starts_with("quantize_rows"));
+    assert_eq!(
+        int8,
+        opts.stage_up_to_k == Some(0) && !opts.f32_activations,
+        "{opts:?}: int8 inputs only for rows over stage_up_to_k"
+    );
+    if opts.stage_up_to_k == Some(0) && opts.f32_activations {
         let scaled = gpu.plans()[0]
             .groups
             .iter()
@@ -114,6 +123,10 @@ fn worst(got: &(Logits, Vec<Logits>), want: &(Logits, Vec<Logits>)) -> f64 {
         .map(|(a, b)| rel_l2(&a.data, &b.data))
         .fold(0.0, f64::max)
 }
+
+/// Fused plan with int8 matmul inputs against the CPU reference and the
+/// unfused plan (relative L2 of the logits).
+const INT8_TOL: f64 = 5e-2;
 
 fn every_feature_set_and_pass(arch: &str, layers: u64) {
     let (g, b) = model(arch, layers, 21);
@@ -149,10 +162,12 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
             ("all passes".to_string(), FuseOptions::default()),
             ("8 splits".to_string(), forced(8, &[])),
             (
-                // What rows longer than PROLOGUE_PAYS_UP_TO_K get.
+                // What rows longer than PROLOGUE_PAYS_UP_TO_K get with
+                // --f32-activations.
                 "no staged rows: RMSNorm folded in as a scale".to_string(),
                 FuseOptions {
                     stage_up_to_k: Some(0),
+                    f32_activations: true,
                     ..Default::default()
                 },
             ),
@@ -172,6 +187,21 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
                 forced(32, &["prologue"]),
             ));
         }
+        // What rows longer than PROLOGUE_PAYS_UP_TO_K get by default: int8
+        // inputs (quantize_rows + integer dot products). The quantization
+        // error (~0.4% per product) is the tolerance here, against the CPU
+        // and the unfused plan alike.
+        let opts = FuseOptions {
+            stage_up_to_k: Some(0),
+            ..Default::default()
+        };
+        let got = gpu_run(&ctx, &g, &b, &opts);
+        let (e_cpu, e_un) = (worst(&got, &cpu), worst(&got, &unfused));
+        eprintln!("{arch} {req:?} int8 inputs: rel L2 {e_cpu:e} vs CPU, {e_un:e} vs unfused GPU");
+        assert!(
+            e_cpu < INT8_TOL && e_un < INT8_TOL,
+            "{arch} {req:?} int8 inputs: relative L2 {e_cpu} vs CPU, {e_un} vs unfused"
+        );
         for (what, opts) in configs {
             let got = gpu_run(&ctx, &g, &b, &opts);
             let e_cpu = worst(&got, &cpu);

@@ -4,7 +4,9 @@
 //! reference matmul, on fresh random inputs with a poisoned output buffer.
 //!
 //! Tolerance: relative L2 error ≤ 1e-4 with f32 arithmetic (F16=0 or no F16
-//! knob) and ≤ 1e-2 for variants with F16=1 (products in f16). Embedding
+//! knob; XQ=1 against the reference fed the same int8 input, see
+//! quantize_rows below) and ≤ 1e-2 for variants with F16=1 (products in
+//! f16). Embedding
 //! gathers do no arithmetic beyond dequantization and must agree to 1e-6.
 //! Outputs the kernel must not write (other columns of a wider y, tokens
 //! outside the table chunk) must still hold the poison.
@@ -153,12 +155,34 @@ fn check_matmul(
         kk
     };
     let x = rng.vec(s.m * kk);
+    // NORM: the reference multiplies by the norm's row scale before the
+    // matmul (every weight's product, so a PAIR's a * b carries it twice).
+    // XQ: the kernel reads the input quantized (on the CPU here, as
+    // quantize_rows does it); the reference gets the same values.
+    let xq = knobs.get("XQ").is_some_and(|v| v != "0");
+    let x_used = if xq {
+        q8_dequantize(&q8_quantize(&x, kk, None), kk)
+    } else {
+        x.clone()
+    };
+    let x_ref: Vec<f32> = if norm {
+        x.chunks(kk)
+            .zip(x_used.chunks(kk))
+            .flat_map(|(row, used)| {
+                let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / kk as f64;
+                let r = (1.0 / (ms + 1e-6).sqrt()) as f32;
+                used.iter().map(move |v| v * r)
+            })
+            .collect()
+    } else {
+        x_used
+    };
     let mut all_w = Vec::new();
     let mut outs = Vec::new();
     for &d in std::iter::once(&dt).chain(&extra) {
         let wbytes = random_weights(rng, d, s.n, kk);
         let w = dequant::dequantize(d, &wbytes, s.n * kk).expect("CPU dequant");
-        outs.push(ops::matmul(&x, s.m, &w, kk, s.n));
+        outs.push(ops::matmul(&x_ref, s.m, &w, kk, s.n));
         all_w.push(wbytes);
     }
     let (nb, nc) = if pair {
@@ -187,14 +211,6 @@ fn check_matmul(
                 want[m * width + 2 * s.n + j] = outs[2][m * s.n + j];
             }
         }
-        if norm {
-            let row = &x[m * kk..(m + 1) * kk];
-            let ms = row.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / kk as f64;
-            let r = (1.0 / (ms + 1e-6).sqrt()) as f32;
-            for v in &mut want[m * width..(m + 1) * width] {
-                *v *= r;
-            }
-        }
     }
     let s = Shape {
         n: width,
@@ -203,7 +219,11 @@ fn check_matmul(
     };
 
     let wbs: Vec<wgpu::Buffer> = all_w.iter().map(|b| kernel::storage(ctx, "w", b)).collect();
-    let xb = kernel::storage(ctx, "x", bytemuck::cast_slice(&x));
+    let xb = if xq {
+        kernel::storage(ctx, "x", bytemuck::cast_slice(&q8_quantize(&x, kk, None)))
+    } else {
+        kernel::storage(ctx, "x", bytemuck::cast_slice(&x))
+    };
     let ylen = s.m * s.ldy;
     let yb = kernel::poisoned(ctx, "y", ylen);
     let rows_a = s.n - nb - nc;
@@ -284,8 +304,10 @@ fn check_matmul(
     }
 }
 
-/// Every variant of a matmul template on every feature set, dtype and shape.
-fn matmul_all_variants(name: &str, family: Family, shapes: &[Shape]) {
+/// Every variant of a matmul template on every feature set, dtype and shape,
+/// and every variant with the knobs of each of `pins` pinned (knob values
+/// the template's cover rule would only meet with DTYPE at its first).
+fn matmul_all_variants(name: &str, family: Family, shapes: &[Shape], pins: &[&[(&str, &str)]]) {
     let mut rng = Rng(fresh_seed());
     let t = codegen::template(name).unwrap();
     let mut failures = Vec::new();
@@ -293,7 +315,20 @@ fn matmul_all_variants(name: &str, family: Family, shapes: &[Shape]) {
     // Largest error seen with f32 and with f16 products.
     let mut worst = [0f64; 2];
     for ctx in gpu_contexts() {
-        let variants = t.variants(&caps(&ctx)).unwrap();
+        let mut variants = t.variants(&caps(&ctx)).unwrap();
+        for pin in pins {
+            let fixed: Knobs = pin
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            let more = t.variants_pinned(&fixed, &caps(&ctx)).unwrap();
+            assert!(!more.is_empty(), "{name}: no variant with {pin:?}");
+            for k in more {
+                if !variants.contains(&k) {
+                    variants.push(k);
+                }
+            }
+        }
         assert!(
             !variants.is_empty(),
             "{name}: no variant for {:?}",
@@ -305,7 +340,8 @@ fn matmul_all_variants(name: &str, family: Family, shapes: &[Shape]) {
                 runs += 1;
                 match check_matmul(&ctx, family, &k, &knobs, &mut rng, s) {
                     Ok(err) => {
-                        let w = &mut worst[(tolerance(&knobs) > 1e-4) as usize];
+                        let tol = tolerance(&knobs);
+                        let w = &mut worst[(tol > 1e-4) as usize];
                         *w = w.max(err);
                     }
                     Err(e) => failures.push(format!(
@@ -369,6 +405,34 @@ fn matmul_vec_all_variants() {
                 spread_max: 2,
             },
         ],
+        // The int8-input path (XQ) with one weight, with a pair, and with
+        // three siblings of mixed dtypes.
+        &[
+            &[
+                ("DTYPE_B", "NONE"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "0"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+            ],
+            &[
+                ("DTYPE_B", "Q6_K"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "1"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+            ],
+            &[
+                ("DTYPE_B", "Q8_0"),
+                ("DTYPE_C", "Q4_0"),
+                ("PAIR", "0"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+            ],
+        ],
     );
 }
 
@@ -396,6 +460,7 @@ fn matmul_tiled_all_variants() {
                 spread_max: 2,
             },
         ],
+        &[],
     );
 }
 
@@ -541,8 +606,8 @@ fn templates_cover_every_supported_dtype() {
 /// throughput of the variants on the adapter (run on a real GPU with
 /// `cargo test --release --test gpu_matmul -- --ignored --nocapture`).
 ///
-/// matmul_vec runs alone (no sibling weights, default hook, XS 0 and 4096)
-/// at K=4096 with N=14336 (the Llama-3-8B feed-forward shape) and N=32768;
+/// matmul_vec runs alone (no sibling weights, default hook; the input read
+/// from memory, staged (XS 4096) or quantized to int8 (XQ 1)) at K=4096 with N=14336 (the Llama-3-8B feed-forward shape) and N=32768;
 /// every (WG, ROWS, SUBGROUPS, F16) variant prints a line, then one summary
 /// line per shape and dtype gives the fastest variant and the one the
 /// planner picks (its last knob values). `KILN_SPEED_DTYPES=Q4_0,Q4_K`
@@ -592,7 +657,7 @@ fn print_speed() {
         let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
         let yb = kernel::poisoned(&ctx, "y", n_max);
         let mut variants = Vec::new();
-        for xs in ["0", "4096"] {
+        for (xs, xq) in [("0", "0"), ("4096", "0"), ("0", "1")] {
             let fixed: Knobs = [
                 ("DTYPE", dt),
                 ("DTYPE_B", "NONE"),
@@ -600,6 +665,7 @@ fn print_speed() {
                 ("PAIR", "0"),
                 ("XS", xs),
                 ("NORM", "0"),
+                ("XQ", xq),
             ]
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
@@ -634,7 +700,8 @@ fn print_speed() {
                 let pick = ["WG", "ROWS", "SUBGROUPS", "F16"]
                     .iter()
                     .all(|kn| Some(&knobs[*kn]) == last(kn).as_ref())
-                    && knobs["XS"] == "0";
+                    && knobs["XS"] == "0"
+                    && knobs["XQ"] == "0";
                 if pick {
                     picked = gbs;
                 }
@@ -681,4 +748,77 @@ fn print_speed() {
             );
         }
     }
+}
+
+/// quantize_rows (the int8 input of matmul_vec's XQ) in every variant and
+/// feature set against tests/common's q8_quantize: rows of K = 160 (five
+/// blocks, more than one workgroup's worth with a forced WG-sized grid),
+/// written after a 5-word offset that must keep its poison. q may differ by
+/// one step where the GPU's 1 / max|x| rounds differently (at most 1 in
+/// 500 bytes), scales by 1e-5 relative (the norm's sum in another order).
+#[test]
+fn quantize_rows_all_variants() {
+    let mut rng = Rng(fresh_seed());
+    let t = codegen::template("quantize_rows").unwrap();
+    let (m, kk, qo) = (3usize, 160usize, 5usize);
+    let row_words = kk / 4 + kk / 32;
+    let mut runs = 0;
+    for ctx in gpu_contexts() {
+        for knobs in t.variants(&caps(&ctx)).unwrap() {
+            let norm = knobs["NORM"] == "1";
+            let x = rng.vec(m * kk);
+            let w = rng.vec(kk);
+            let eps = 1e-5f32;
+            let want = q8_quantize(&x, kk, norm.then_some((&w[..], eps)));
+            let k = build(&ctx, &t, &knobs);
+            let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&x));
+            let wb = kernel::storage(&ctx, "w", bytemuck::cast_slice(&w));
+            let qb = kernel::poisoned(&ctx, "q", qo + m * row_words);
+            let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, qo as u32, eps.to_bits()]);
+            let mut binds = vec![(0, &xb), (2, &qb), (3, &pb)];
+            if norm {
+                binds.push((1, &wb));
+            }
+            let bind = k.bind_at(&ctx, &binds);
+            let blocks = (kk / 32) as u32;
+            let mut g = spread(blocks.div_ceil(knob(&knobs, "WG")), 65535);
+            g[2] = m as u32;
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            k.dispatch(&mut enc, &bind, g);
+            ctx.queue.submit([enc.finish()]);
+            let got: Vec<u32> = kernel::read_f32(&ctx, &qb, qo + m * row_words)
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            let name = variant_name(&t.name, &knobs);
+            assert!(
+                got[..qo].iter().all(|v| f32::from_bits(*v).is_nan()),
+                "{name}: wrote before the offset"
+            );
+            let mut off_by_one = 0;
+            for r in 0..m {
+                let g = &got[qo + r * row_words..qo + (r + 1) * row_words];
+                let e = &want[r * row_words..(r + 1) * row_words];
+                for i in 0..kk / 4 {
+                    for (a, b) in g[i].to_le_bytes().iter().zip(e[i].to_le_bytes()) {
+                        let d = (*a as i8 as i32 - b as i8 as i32).abs();
+                        assert!(d <= 1, "{name}: row {r} word {i}: {:#x} vs {:#x}", g[i], e[i]);
+                        off_by_one += d;
+                    }
+                }
+                for i in kk / 4..row_words {
+                    let (a, b) = (f32::from_bits(g[i]), f32::from_bits(e[i]));
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs(),
+                        "{name}: row {r} scale {}: {a} vs {b}",
+                        i - kk / 4
+                    );
+                }
+            }
+            assert!(off_by_one * 500 <= (m * kk) as i32, "{name}: {off_by_one} q off by one");
+            runs += 1;
+        }
+    }
+    assert!(runs >= 8, "quantize_rows: {runs} variant runs");
 }

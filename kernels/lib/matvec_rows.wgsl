@@ -118,6 +118,170 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
 }
 #endif
 
+#if XQ
+// The quantized-input path (see matmul_vec's XQ): a piece is PIECE elements
+// of one row; xq_piece(p) gathers the input words piece p needs (once for
+// all rows), dotq(row, p, xp) is the row's share. The packed fields become
+// int8 bytes (nibbles 0..15, 6-bit values 0..63, Q8_0's signed bytes) for
+// dot4I8Packed; offsets (−8, −32, −min) go through xp.s = d · Σ q.
+#if DTYPE == 'Q4_0'
+// Piece p: word j = p % 4 of block p / 4's 16 nibble bytes: the low nibbles
+// are elements 4j.., the high ones 16 + 4j.. of the block.
+const PIECE: u32 = 8u;
+
+fn xq_piece(p: u32) -> XP {
+    let e = (p / 4u) * 32u + (p % 4u) * 4u;
+    let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
+    let d = xq_d(e);
+    return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
+}
+
+fn dotq(row: u32, p: u32, xp: XP) -> f32 {
+    let b = row + (p / 4u) * 18u;
+    let w = load_u32(b + 2u + (p % 4u) * 4u);
+    let m4 = 0x0f0f0f0fu;
+    let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
+    return scale_at(b) * (xp.d.x * f32(s) - 8.0 * xp.s.x);
+}
+#elif DTYPE == 'Q4_1'
+// As Q4_0, blocks of 20 bytes (d, m, 16 nibble bytes; word-aligned).
+const PIECE: u32 = 8u;
+
+fn xq_piece(p: u32) -> XP {
+    let e = (p / 4u) * 32u + (p % 4u) * 4u;
+    let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
+    let d = xq_d(e);
+    return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
+}
+
+fn dotq(row: u32, p: u32, xp: XP) -> f32 {
+    let bw = (row + (p / 4u) * 20u) >> 2u;
+    let w = load_word(bw + 1u + p % 4u);
+    let m4 = 0x0f0f0f0fu;
+    let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
+    let dm = scales2(load_word(bw));
+    return dm.x * xp.d.x * f32(s) + dm.y * xp.s.x;
+}
+#elif DTYPE == 'Q8_0'
+// Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
+const PIECE: u32 = 8u;
+
+fn xq_piece(p: u32) -> XP {
+    let e = p * 8u;
+    return XP(vec4<u32>(xq_word(e), xq_word(e + 4u), 0u, 0u), vec4<f32>(xq_d(e)), vec4<f32>(0.0));
+}
+
+fn dotq(row: u32, p: u32, xp: XP) -> f32 {
+    let b = row + (p / 4u) * 34u;
+    // The 8 bytes at b + 2 + 8j: three words, shifted into two.
+    let o = b + 2u + (p % 4u) * 8u;
+    let i = o >> 2u;
+    let sh = (o & 3u) * 8u;
+    let w0 = load_word(i);
+    let w1 = load_word(i + 1u);
+    let w2 = load_word(i + 2u);
+    // `(hi << (31 - sh)) << 1` is `hi << (32 - sh)`, and 0 when sh == 0.
+    let q0 = (w0 >> sh) | ((w1 << (31u - sh)) << 1u);
+    let q1 = (w1 >> sh) | ((w2 << (31u - sh)) << 1u);
+    let s = dot4I8Packed(q0, xp.q.x) + dot4I8Packed(q1, xp.q.y);
+    return scale_at(b) * xp.d.x * f32(s);
+}
+#elif DTYPE == 'Q4_K'
+// Piece p: words 2t, 2t + 1 (t = p % 4) of sub-block pair i = (p / 4) % 4
+// of super-block p / 16: low nibbles are elements 64i + 8t.. (sub-block
+// 2i), high ones 64i + 32 + 8t.. (sub-block 2i + 1).
+const PIECE: u32 = 16u;
+
+fn xq_piece(p: u32) -> XP {
+    let e = (p / 4u) * 64u + (p % 4u) * 8u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 32u), xq_word(e + 36u));
+    let d = vec2<f32>(xq_d(e), xq_d(e + 32u));
+    let s = vec2<f32>(xq_sum(q.x, d.x) + xq_sum(q.y, d.x), xq_sum(q.z, d.y) + xq_sum(q.w, d.y));
+    return XP(q, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+}
+
+// (sc, m) of sub-blocks 2i and 2i + 1 from the 12 scale bytes (words
+// s0 s1 s2), as scale_min_k4 unpacks them.
+fn k4_pair(s0: u32, s1: u32, s2: u32, i: u32) -> vec4<f32> {
+    let sh = 16u * (i % 2u);
+    let a = (s0 >> sh) & 0xffffu;
+    let m = (s1 >> sh) & 0xffffu;
+    var sc: vec2<u32>;
+    var mn: vec2<u32>;
+    if i < 2u {
+        sc = vec2<u32>(a & 63u, (a >> 8u) & 63u);
+        mn = vec2<u32>(m & 63u, (m >> 8u) & 63u);
+    } else {
+        let c = (s2 >> sh) & 0xffffu;
+        sc = vec2<u32>((c & 15u) | ((a >> 2u) & 0x30u), ((c >> 8u) & 15u) | ((a >> 10u) & 0x30u));
+        mn = vec2<u32>(((c >> 4u) & 15u) | ((m >> 2u) & 0x30u), ((c >> 12u) & 15u) | ((m >> 10u) & 0x30u));
+    }
+    return vec4<f32>(vec2<f32>(sc), vec2<f32>(mn));
+}
+
+fn dotq(row: u32, p: u32, xp: XP) -> f32 {
+    let bw = (row + (p / 16u) * 144u) >> 2u;
+    let i = (p / 4u) % 4u;
+    let qw = bw + 4u + i * 8u + (p % 4u) * 2u;
+    let w0 = load_word(qw);
+    let w1 = load_word(qw + 1u);
+    let m4 = 0x0f0f0f0fu;
+    let lo = dot4I8Packed(w0 & m4, xp.q.x) + dot4I8Packed(w1 & m4, xp.q.y);
+    let hi = dot4I8Packed((w0 >> 4u) & m4, xp.q.z) + dot4I8Packed((w1 >> 4u) & m4, xp.q.w);
+    let dm = scales2(load_word(bw));
+    let sm = k4_pair(load_word(bw + 1u), load_word(bw + 2u), load_word(bw + 3u), i);
+    return dm.x * (sm.x * xp.d.x * f32(lo) + sm.y * xp.d.y * f32(hi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
+}
+#elif DTYPE == 'Q6_K'
+// Piece p: bytes l..l+4 (l = 4 (p % 8)) of half h = (p / 8) % 2 of
+// super-block p / 16: elements 128h + l + 32c.. for c = 0..4, each with its
+// own int8 scale (ql's low nibbles at l are c = 0, at l + 32 c = 1, high
+// nibbles c = 2, 3; qh's 2-bit fields c = 0..4 from the bottom).
+const PIECE: u32 = 16u;
+
+fn xq_piece(p: u32) -> XP {
+    let e = (p / 8u) * 128u + (p % 8u) * 4u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 32u), xq_word(e + 64u), xq_word(e + 96u));
+    let d = vec4<f32>(xq_d(e), xq_d(e + 32u), xq_d(e + 64u), xq_d(e + 96u));
+    let s = vec4<f32>(xq_sum(q.x, d.x), xq_sum(q.y, d.y), xq_sum(q.z, d.z), xq_sum(q.w, d.w));
+    return XP(q, d, s);
+}
+
+fn dotq(row: u32, p: u32, xp: XP) -> f32 {
+    let b = row + (p / 16u) * 210u;
+    let h = (p / 8u) % 2u;
+    let l = (p % 8u) * 4u;
+    let ql0 = load_u32(b + h * 64u + l);
+    let ql1 = load_u32(b + h * 64u + 32u + l);
+    let qh = load_u32(b + 128u + h * 32u + l);
+    let m4 = 0x0f0f0f0fu;
+    let m2 = 0x03030303u;
+    let q0 = (ql0 & m4) | ((qh & m2) << 4u);
+    let q1 = (ql1 & m4) | (((qh >> 2u) & m2) << 4u);
+    let q2 = ((ql0 >> 4u) & m4) | (((qh >> 4u) & m2) << 4u);
+    let q3 = ((ql1 >> 4u) & m4) | (((qh >> 6u) & m2) << 4u);
+    let s = vec4<f32>(vec4<i32>(dot4I8Packed(q0, xp.q.x), dot4I8Packed(q1, xp.q.y), dot4I8Packed(q2, xp.q.z), dot4I8Packed(q3, xp.q.w)));
+    // The int8 scales of the four: bytes 8h + l / 16 + 2c.
+    let so = b + 192u + h * 8u + l / 16u;
+    let sa = load_u32(so);
+    let sb = load_u32(so + 4u);
+    let sc = vec4<f32>(vec4<i32>(bitcast<i32>(sa << 24u), bitcast<i32>(sa << 8u), bitcast<i32>(sb << 24u), bitcast<i32>(sb << 8u)) >> vec4<u32>(24u));
+    return scale_at(b + 208u) * dot(sc, xp.d * s - 32.0 * xp.s);
+}
+#endif
+
+// As dot_rows below, with the quantized input.
+fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
+    var acc: array<f32, ROWS>;
+    for (var p = lid_; p < k / PIECE; p += WG) {
+        let xp = xq_piece(p);
+        for (var r = 0u; r < ROWS; r++) {
+            acc[r] += dotq(rows[r], p, xp);
+        }
+    }
+    return acc;
+}
+#else
 // This invocation's share of Σ_k W[row r, k] · x[xo + k] for each r < ROWS;
 // `rows` holds the rows' byte offsets. The caller reduces over the workgroup.
 fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
@@ -180,6 +344,7 @@ fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
 #endif
     return acc;
 }
+#endif
 
 // Byte offsets of rows n0 .. n0 + ROWS of a weight with `n` rows of `k`
 // elements; rows past the end repeat the last (computed, never stored).

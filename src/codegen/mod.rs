@@ -207,6 +207,10 @@ pub const SOURCES: &[(&str, &str)] = &[
         include_str!("../../kernels/matmul_vec.wgsl"),
     ),
     (
+        "quantize_rows.wgsl",
+        include_str!("../../kernels/quantize_rows.wgsl"),
+    ),
+    (
         "matmul_tiled.wgsl",
         include_str!("../../kernels/matmul_tiled.wgsl"),
     ),

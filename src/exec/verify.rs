@@ -32,7 +32,8 @@ pub struct Report {
     pub compared: usize,
     /// Largest relative L2 error seen, and where.
     pub worst: (f64, String),
-    /// The tolerance used (1e-4 with f32 arithmetic, 1e-2 with f16).
+    /// The tolerance used (1e-4 with f32 arithmetic, 1e-2 with f16, 5e-2
+    /// where the fused plan quantizes matmul inputs to int8).
     pub tol: f64,
     /// The first value beyond tolerance, if any.
     pub first: Option<Mismatch>,
@@ -52,7 +53,19 @@ pub fn verify_replay(
     let mut b = GpuBackend::with_fusion(ctx, g, gguf, n_ctx, false, &FuseOptions::none())?;
     a.keep_values(true);
     b.keep_values(true);
-    let tol = if ctx.features.f16 { 1e-2 } else { 1e-4 };
+    // Int8 matmul inputs (FuseOptions::f32_activations off, long rows)
+    // round every product's input to ~0.4%: compared at that scale.
+    let int8 = a.plans()[0]
+        .kernels
+        .iter()
+        .any(|k| k.template == "quantize_rows");
+    let tol = if int8 {
+        5e-2
+    } else if ctx.features.f16 {
+        1e-2
+    } else {
+        1e-4
+    };
     let mut report = Report {
         steps: 0,
         compared: 0,

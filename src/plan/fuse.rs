@@ -165,6 +165,13 @@ pub struct FuseOptions {
     /// [`PROLOGUE_PAYS_UP_TO_K`]); longer rows fold a lone RMSNorm in as a
     /// scale instead. Tests set 0 to exercise the scaled form on small models.
     pub stage_up_to_k: Option<usize>,
+    /// Keep every matmul input in f32. By default a fused decode matmul
+    /// whose rows are too long to stage (the same bound as
+    /// `stage_up_to_k`) and whose weights are Q4_0, Q4_1, Q8_0, Q4_K or
+    /// Q6_K reads its input quantized to int8 per 32 elements by a
+    /// quantize_rows dispatch, and multiplies with integer dot products, as
+    /// llama.cpp does (its logits are within ~0.2 of the exact ones).
+    pub f32_activations: bool,
 }
 
 impl FuseOptions {
@@ -179,6 +186,7 @@ impl FuseOptions {
             disabled: PASSES.iter().map(|s| s.to_string()).collect(),
             splits: None,
             stage_up_to_k: None,
+            f32_activations: false,
         }
     }
 }

@@ -152,16 +152,47 @@ pub(crate) fn plan_matvec(
     let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
     let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
     let xs_s = xs.to_string();
+    let start = match (m.merge, m.prologue.first()) {
+        (Some(mg), _) => g.nodes[mg.attn].output,
+        (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
+        (None, None) => input,
+    };
+    let outs: Vec<ValueId> = writes
+        .iter()
+        .copied()
+        .filter(|v| !m.prologue.iter().any(|&(p, _)| g.nodes[p].output == *v))
+        .collect();
+    let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
+    nodes.sort_unstable();
+    // The int8 input: rows too long to stage, no prologue but a lone norm,
+    // weights with an integer dot product (matmul_vec's XQ).
+    let int8 = b.int8_input_over_k.is_some_and(|over| k > over)
+        && k.is_multiple_of(32)
+        && xs == 0
+        && m.merge.is_none()
+        && !chunked
+        && !outs.is_empty()
+        && ws.iter().all(|&w| INT8_DOT_DTYPES.contains(&g.weights[w].dtype))
+        && (!m.scaled
+            || matches!(
+                m.prologue.first().map(|&(p, _)| &g.nodes[p].op),
+                Some(BoundOp::RmsNorm {
+                    weight: Some(_),
+                    ..
+                })
+            ));
+    if int8 {
+        plan_quantize(b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf)?;
+    }
     let fixed = [
         ("DTYPE", dt_a.as_str()),
         ("DTYPE_B", dt_b.as_str()),
         ("DTYPE_C", dt_c.as_str()),
         ("PAIR", if pair { "1" } else { "0" }),
         ("XS", xs_s.as_str()),
-        ("NORM", if m.scaled { "1" } else { "0" }),
+        ("NORM", if m.scaled && !int8 { "1" } else { "0" }),
+        ("XQ", if int8 { "1" } else { "0" }),
     ];
-    let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
-    nodes.sort_unstable();
     let fused = describe(g, m);
     for c in 0..weights[ws[0]].chunks.len() {
         let (first, rows) = weights[ws[0]].chunks[c];
@@ -185,15 +216,14 @@ pub(crate) fn plan_matvec(
                 None => bd.bufs.push(Buf::Unbound),
             }
         }
-        let start = match (m.merge, m.prologue.first()) {
-            (Some(mg), _) => g.nodes[mg.attn].output,
-            (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
-            (None, None) => input,
-        };
         // Without a staged row the input is read straight from memory: as
-        // 16-byte loads where rows are whole vec4s (every quantized K).
+        // 16-byte loads where rows are whole vec4s (every quantized K); or
+        // quantized, after the first output.
         let x4 = xs == 0 && m.merge.is_none() && k.is_multiple_of(4);
-        let mut x_fns = if x4 {
+        let mut x_fns = if int8 {
+            bd.add_as("x", false, vb(outs[0]), "u32");
+            String::from("fn xq_in(i: u32) -> u32 {\n    return x[i];\n}\n")
+        } else if x4 {
             bd.add_as("x", false, vb(start), "vec4<f32>");
             String::from("fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n")
         } else {
@@ -202,7 +232,7 @@ pub(crate) fn plan_matvec(
         };
         // The folded RMSNorm (rows of whole vec4s, so x4): its weight, as
         // vec4s, and its epsilon.
-        if m.scaled {
+        if m.scaled && !int8 {
             let Some(BoundOp::RmsNorm { weight, eps }) =
                 m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
             else {
@@ -299,11 +329,6 @@ pub(crate) fn plan_matvec(
             )?;
             let _ = writeln!(st, "    v = {ex};");
         }
-        let outs: Vec<ValueId> = writes
-            .iter()
-            .copied()
-            .filter(|v| !m.prologue.iter().any(|&(p, _)| g.nodes[p].output == *v))
-            .collect();
         if pair || ws.len() == 1 {
             let name = format!("y{}", bd.bufs.len());
             bd.add(&name, true, vb(outs[0]));
@@ -350,7 +375,11 @@ pub(crate) fn plan_matvec(
             uc(nc),
             uc(first),
             uc(ldy),
-            uc(0),
+            u(if int8 {
+                numel(&g.values[outs[0]].shape)
+            } else {
+                Lin::c(0)
+            }),
         ];
         b.launch_fused(
             nodes.clone(),
@@ -372,6 +401,71 @@ pub(crate) fn plan_matvec(
         )?;
     }
     Ok(())
+}
+
+/// Weight dtypes matmul_vec multiplies with an int8 input (XQ=1).
+const INT8_DOT_DTYPES: [crate::model::dtype::DType; 5] = {
+    use crate::model::dtype::DType;
+    [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q6_K]
+};
+
+/// The quantize_rows launch before an int8-input matmul: the input row
+/// `start` (times a scaled group's lone RMSNorm) quantized into the space
+/// after the group's first output `out`, where the matmul reads it (the
+/// output is not written before the matmul runs, and no buffer alive at
+/// the group overlaps it).
+#[allow(clippy::too_many_arguments)]
+fn plan_quantize(
+    b: &mut Builder,
+    g: &BoundGraph,
+    m: &Matvec,
+    nodes: &[usize],
+    start: ValueId,
+    out: ValueId,
+    k: usize,
+    rows_m: Lin,
+    weights: &mut [WeightPlan],
+    value_buf: &[usize],
+) -> Result<()> {
+    let (norm, eps) = match m.prologue.first().map(|&(p, _)| &g.nodes[p].op) {
+        Some(BoundOp::RmsNorm {
+            weight: Some(w),
+            eps,
+        }) if m.scaled => {
+            weights[*w].f32_copy = true;
+            (Some(Buf::F32(*w)), *eps)
+        }
+        _ if m.scaled => {
+            return Err(Error::Gpu(
+                "internal: an int8 input's folded norm is not a weighted RMSNorm".into(),
+            ))
+        }
+        _ => (None, 0.0),
+    };
+    b.extra.push((value_buf[out], (k / 4 + k / 32) as u64));
+    b.launch_fused(
+        nodes.to_vec(),
+        "quantize_rows",
+        &[("NORM", if norm.is_some() { "1" } else { "0" })],
+        Hooks::new(),
+        "",
+        vec![
+            Buf::Value(value_buf[start]),
+            norm.unwrap_or(Buf::Unbound),
+            Buf::Value(value_buf[out]),
+        ],
+        vec![
+            u(rows_m),
+            uc(k),
+            u(numel(&g.values[out].shape)),
+            Word::F(eps as f32),
+        ],
+        |kn| Groups::Linear {
+            n: Lin::c((k / 32) as u64),
+            div: knob(kn, "WG", 1),
+            z: rows_m,
+        },
+    )
 }
 
 fn op_name(op: &BoundOp) -> String {

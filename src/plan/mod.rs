@@ -234,7 +234,8 @@ pub struct Plan {
     /// The fused schedule the launches come from.
     pub groups: Vec<fuse::Group>,
     /// (root value, f32 elements per token): buffers that hold more than
-    /// their value, after it (a split attention's partials).
+    /// their value, after it (a split attention's partials, the int8 input of
+    /// a matmul stored after its output).
     #[serde(default)]
     pub extra: Vec<(usize, u64)>,
 }
@@ -295,6 +296,11 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
 
 pub(crate) struct Builder {
     caps: Caps,
+    /// Fused matmuls with rows longer than this read an int8 input
+    /// ([`FuseOptions::f32_activations`]); None: never.
+    pub(crate) int8_input_over_k: Option<usize>,
+    /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
+    pub(crate) extra: Vec<(usize, u64)>,
     templates: BTreeMap<String, Template>,
     kernels: Vec<KernelRef>,
     launches: Vec<Launch>,
@@ -437,6 +443,9 @@ pub fn plan_with(
         .collect();
     let mut b = Builder {
         caps,
+        int8_input_over_k: (!opts.f32_activations)
+            .then(|| opts.stage_up_to_k.unwrap_or(fuse::PROLOGUE_PAYS_UP_TO_K)),
+        extra: Vec::new(),
         templates,
         kernels: Vec::new(),
         launches: Vec::new(),
@@ -508,7 +517,7 @@ pub fn plan_with(
             Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
     }
-    let extra = groups
+    let mut extra: Vec<(usize, u64)> = groups
         .iter()
         .filter_map(|gr| match gr {
             Group::Attention(a) if a.splits > 1 => Some((
@@ -518,6 +527,7 @@ pub fn plan_with(
             _ => None,
         })
         .collect();
+    extra.extend(b.extra);
     Ok(Plan {
         bucket,
         kernels: b.kernels,
@@ -628,6 +638,7 @@ fn plan_node(
                             ("DTYPE_C", "NONE"),
                             ("PAIR", "0"),
                             ("XS", "0"),
+                            ("XQ", "0"),
                         ],
                         binds,
                         params,

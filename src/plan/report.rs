@@ -89,13 +89,22 @@ pub fn text(g: &BoundGraph, p: &Plan, t: usize, align: u64, max_arena: u64) -> R
                 Launch::Copy { .. } => false,
             })
             .collect();
-        let kernel = launches
-            .iter()
-            .find_map(|l| match l {
-                Launch::Kernel { kernel, .. } => Some(p.kernels[*kernel].name()),
-                _ => None,
-            })
-            .unwrap_or_else(|| "(copy / alias)".into());
+        // Distinct kernels in launch order (an int8-input matmul runs
+        // quantize_rows first).
+        let mut names: Vec<String> = Vec::new();
+        for l in &launches {
+            if let Launch::Kernel { kernel, .. } = l {
+                let n = p.kernels[*kernel].name();
+                if !names.contains(&n) {
+                    names.push(n);
+                }
+            }
+        }
+        let kernel = if names.is_empty() {
+            "(copy / alias)".into()
+        } else {
+            names.join(" + ")
+        };
         let ops: Vec<String> = nodes
             .iter()
             .map(|&n| format!("{} = {}", g.values[g.nodes[n].output].name, op_name(g, n)))

@@ -186,3 +186,55 @@ pub fn tiny_model(arch: &str, layers: u64, seed: u64) -> (Gguf, BoundGraph) {
         .unwrap_or_else(|e| panic!("{e}"));
     (g, b)
 }
+
+/// Rows of `k` elements (k % 32 == 0) quantized as the quantize_rows kernel
+/// does (the layout matmul_vec reads with XQ=1): per row, k/4 words of int8
+/// q = floor(0.5 + 127 · clamp(v / max|v|)) over each 32-element block
+/// (WGSL's pack4x8snorm), then k/32 f32 scales max|v| / 127 · r, where
+/// v = x · w and r = 1 / sqrt(mean(x²) + eps) with `norm = Some((w, eps))`.
+pub fn q8_quantize(x: &[f32], k: usize, norm: Option<(&[f32], f32)>) -> Vec<u32> {
+    let mut out = Vec::new();
+    for row in x.chunks(k) {
+        let (v, r): (Vec<f32>, f32) = match norm {
+            Some((w, eps)) => {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / k as f32;
+                (
+                    row.iter().zip(w).map(|(a, b)| a * b).collect(),
+                    1.0 / (ms + eps).sqrt(),
+                )
+            }
+            None => (row.to_vec(), 1.0),
+        };
+        let mut scales = Vec::new();
+        for b in v.chunks(32) {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inv = if amax > 0.0 { 1.0 / amax } else { 0.0 };
+            for w in b.chunks(4) {
+                let mut word = 0u32;
+                for (i, e) in w.iter().enumerate() {
+                    let q = (0.5 + 127.0 * (e * inv).clamp(-1.0, 1.0)).floor() as i8;
+                    word |= (q as u8 as u32) << (8 * i);
+                }
+                out.push(word);
+            }
+            scales.push((amax / 127.0 * r).to_bits());
+        }
+        out.extend(scales);
+    }
+    out
+}
+
+/// The f32 values that [`q8_quantize`]'s rows stand for.
+pub fn q8_dequantize(q: &[u32], k: usize) -> Vec<f32> {
+    let mut out = Vec::new();
+    for row in q.chunks(k / 4 + k / 32) {
+        let (words, scales) = row.split_at(k / 4);
+        for (i, w) in words.iter().enumerate() {
+            let d = f32::from_bits(scales[i / 8]);
+            for b in w.to_le_bytes() {
+                out.push(b as i8 as f32 * d);
+            }
+        }
+    }
+    out
+}
