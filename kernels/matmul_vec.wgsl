@@ -113,8 +113,8 @@ fn xq_d(e: u32) -> f32 {
 fn xq_sum(w: u32, d: f32) -> f32 {
     return d * f32(dot4I8Packed(w, 0x01010101u));
 }
-#endif
 
+#endif
 var<private> lid_: u32;
 #if NORM
 // 1 / rms of this token's raw input row.

@@ -803,7 +803,12 @@ fn quantize_rows_all_variants() {
                 for i in 0..kk / 4 {
                     for (a, b) in g[i].to_le_bytes().iter().zip(e[i].to_le_bytes()) {
                         let d = (*a as i8 as i32 - b as i8 as i32).abs();
-                        assert!(d <= 1, "{name}: row {r} word {i}: {:#x} vs {:#x}", g[i], e[i]);
+                        assert!(
+                            d <= 1,
+                            "{name}: row {r} word {i}: {:#x} vs {:#x}",
+                            g[i],
+                            e[i]
+                        );
                         off_by_one += d;
                     }
                 }
@@ -816,7 +821,10 @@ fn quantize_rows_all_variants() {
                     );
                 }
             }
-            assert!(off_by_one * 500 <= (m * kk) as i32, "{name}: {off_by_one} q off by one");
+            assert!(
+                off_by_one * 500 <= (m * kk) as i32,
+                "{name}: {off_by_one} q off by one"
+            );
             runs += 1;
         }
     }

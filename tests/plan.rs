@@ -7,7 +7,7 @@ use common::*;
 use kiln::codegen::Caps;
 use kiln::graph::Graph;
 use kiln::model::gguf::Gguf;
-use kiln::plan::{kernel_sources, plan, Bucket};
+use kiln::plan::{kernel_sources, kernel_sources_with, plan, Bucket, FuseOptions};
 
 /// lavapipe's limits: 128 MiB per storage binding, 32 KiB workgroup storage.
 const MAX_BINDING: u64 = 128 << 20;
@@ -30,6 +30,27 @@ fn snapshot(name: &str, file: &str, graph: &str) {
         }
         insta::assert_snapshot!(format!("{name}_{label}"), text);
     }
+}
+
+/// The int8-input kernels (quantize_rows, matmul_vec XQ=1), as SmolLM2's
+/// decode plan gets them with every row treated as too long to stage.
+#[test]
+fn int8_input_kernels_snapshot() {
+    let (_g, b) = bound(SMOLLM2, "llama.ron");
+    let caps = Caps::feature_sets(1024, 32 << 10)[3];
+    let opts = FuseOptions {
+        stage_up_to_k: Some(0),
+        ..Default::default()
+    };
+    let kernels = kernel_sources_with(&b, caps, MAX_BINDING, &opts).unwrap();
+    let mut text = String::new();
+    for (f, src) in &kernels {
+        if f.starts_with("quantize_rows") || f.contains(".xq1.") {
+            text.push_str(&format!("==== {f}\n{src}\n"));
+        }
+    }
+    assert!(text.contains("quantize_rows") && text.contains("dot4I8Packed"));
+    insta::assert_snapshot!("smollm2_int8_inputs", text);
 }
 
 #[test]

@@ -120,8 +120,8 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
 
 #if XQ
 // The quantized-input path (see matmul_vec's XQ): a piece is PIECE elements
-// of one row; xq_piece(p) gathers the input words piece p needs (once for
-// all rows), dotq(row, p, xp) is the row's share. The packed fields become
+// of one row; xq_piece(pi) gathers the input words piece pi needs (once for
+// all rows), dotq(row, pi, xp) is the row's share. The packed fields become
 // int8 bytes (nibbles 0..15, 6-bit values 0..63, Q8_0's signed bytes) for
 // dot4I8Packed; offsets (−8, −32, −min) go through xp.s = d · Σ q.
 #if DTYPE == 'Q4_0'
@@ -129,16 +129,16 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
 // are elements 4j.., the high ones 16 + 4j.. of the block.
 const PIECE: u32 = 8u;
 
-fn xq_piece(p: u32) -> XP {
-    let e = (p / 4u) * 32u + (p % 4u) * 4u;
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 4u) * 32u + (pi % 4u) * 4u;
     let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
     let d = xq_d(e);
     return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
 }
 
-fn dotq(row: u32, p: u32, xp: XP) -> f32 {
-    let b = row + (p / 4u) * 18u;
-    let w = load_u32(b + 2u + (p % 4u) * 4u);
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 4u) * 18u;
+    let w = load_u32(b + 2u + (pi % 4u) * 4u);
     let m4 = 0x0f0f0f0fu;
     let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
     return scale_at(b) * (xp.d.x * f32(s) - 8.0 * xp.s.x);
@@ -147,16 +147,16 @@ fn dotq(row: u32, p: u32, xp: XP) -> f32 {
 // As Q4_0, blocks of 20 bytes (d, m, 16 nibble bytes; word-aligned).
 const PIECE: u32 = 8u;
 
-fn xq_piece(p: u32) -> XP {
-    let e = (p / 4u) * 32u + (p % 4u) * 4u;
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 4u) * 32u + (pi % 4u) * 4u;
     let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
     let d = xq_d(e);
     return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
 }
 
-fn dotq(row: u32, p: u32, xp: XP) -> f32 {
-    let bw = (row + (p / 4u) * 20u) >> 2u;
-    let w = load_word(bw + 1u + p % 4u);
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let bw = (row + (pi / 4u) * 20u) >> 2u;
+    let w = load_word(bw + 1u + pi % 4u);
     let m4 = 0x0f0f0f0fu;
     let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
     let dm = scales2(load_word(bw));
@@ -166,15 +166,15 @@ fn dotq(row: u32, p: u32, xp: XP) -> f32 {
 // Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
 const PIECE: u32 = 8u;
 
-fn xq_piece(p: u32) -> XP {
-    let e = p * 8u;
+fn xq_piece(pi: u32) -> XP {
+    let e = pi * 8u;
     return XP(vec4<u32>(xq_word(e), xq_word(e + 4u), 0u, 0u), vec4<f32>(xq_d(e)), vec4<f32>(0.0));
 }
 
-fn dotq(row: u32, p: u32, xp: XP) -> f32 {
-    let b = row + (p / 4u) * 34u;
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 4u) * 34u;
     // The 8 bytes at b + 2 + 8j: three words, shifted into two.
-    let o = b + 2u + (p % 4u) * 8u;
+    let o = b + 2u + (pi % 4u) * 8u;
     let i = o >> 2u;
     let sh = (o & 3u) * 8u;
     let w0 = load_word(i);
@@ -192,8 +192,8 @@ fn dotq(row: u32, p: u32, xp: XP) -> f32 {
 // 2i), high ones 64i + 32 + 8t.. (sub-block 2i + 1).
 const PIECE: u32 = 16u;
 
-fn xq_piece(p: u32) -> XP {
-    let e = (p / 4u) * 64u + (p % 4u) * 8u;
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 4u) * 64u + (pi % 4u) * 8u;
     let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 32u), xq_word(e + 36u));
     let d = vec2<f32>(xq_d(e), xq_d(e + 32u));
     let s = vec2<f32>(xq_sum(q.x, d.x) + xq_sum(q.y, d.x), xq_sum(q.z, d.y) + xq_sum(q.w, d.y));
@@ -219,10 +219,10 @@ fn k4_pair(s0: u32, s1: u32, s2: u32, i: u32) -> vec4<f32> {
     return vec4<f32>(vec2<f32>(sc), vec2<f32>(mn));
 }
 
-fn dotq(row: u32, p: u32, xp: XP) -> f32 {
-    let bw = (row + (p / 16u) * 144u) >> 2u;
-    let i = (p / 4u) % 4u;
-    let qw = bw + 4u + i * 8u + (p % 4u) * 2u;
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let bw = (row + (pi / 16u) * 144u) >> 2u;
+    let i = (pi / 4u) % 4u;
+    let qw = bw + 4u + i * 8u + (pi % 4u) * 2u;
     let w0 = load_word(qw);
     let w1 = load_word(qw + 1u);
     let m4 = 0x0f0f0f0fu;
@@ -239,18 +239,18 @@ fn dotq(row: u32, p: u32, xp: XP) -> f32 {
 // nibbles c = 2, 3; qh's 2-bit fields c = 0..4 from the bottom).
 const PIECE: u32 = 16u;
 
-fn xq_piece(p: u32) -> XP {
-    let e = (p / 8u) * 128u + (p % 8u) * 4u;
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 8u) * 128u + (pi % 8u) * 4u;
     let q = vec4<u32>(xq_word(e), xq_word(e + 32u), xq_word(e + 64u), xq_word(e + 96u));
     let d = vec4<f32>(xq_d(e), xq_d(e + 32u), xq_d(e + 64u), xq_d(e + 96u));
     let s = vec4<f32>(xq_sum(q.x, d.x), xq_sum(q.y, d.y), xq_sum(q.z, d.z), xq_sum(q.w, d.w));
     return XP(q, d, s);
 }
 
-fn dotq(row: u32, p: u32, xp: XP) -> f32 {
-    let b = row + (p / 16u) * 210u;
-    let h = (p / 8u) % 2u;
-    let l = (p % 8u) * 4u;
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 16u) * 210u;
+    let h = (pi / 8u) % 2u;
+    let l = (pi % 8u) * 4u;
     let ql0 = load_u32(b + h * 64u + l);
     let ql1 = load_u32(b + h * 64u + 32u + l);
     let qh = load_u32(b + 128u + h * 32u + l);
@@ -273,10 +273,10 @@ fn dotq(row: u32, p: u32, xp: XP) -> f32 {
 // As dot_rows below, with the quantized input.
 fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
     var acc: array<f32, ROWS>;
-    for (var p = lid_; p < k / PIECE; p += WG) {
-        let xp = xq_piece(p);
+    for (var pi = lid_; pi < k / PIECE; pi += WG) {
+        let xp = xq_piece(pi);
         for (var r = 0u; r < ROWS; r++) {
-            acc[r] += dotq(rows[r], p, xp);
+            acc[r] += dotq(rows[r], pi, xp);
         }
     }
     return acc;

@@ -172,7 +172,9 @@ pub(crate) fn plan_matvec(
         && m.merge.is_none()
         && !chunked
         && !outs.is_empty()
-        && ws.iter().all(|&w| INT8_DOT_DTYPES.contains(&g.weights[w].dtype))
+        && ws
+            .iter()
+            .all(|&w| INT8_DOT_DTYPES.contains(&g.weights[w].dtype))
         && (!m.scaled
             || matches!(
                 m.prologue.first().map(|&(p, _)| &g.nodes[p].op),
@@ -182,7 +184,9 @@ pub(crate) fn plan_matvec(
                 })
             ));
     if int8 {
-        plan_quantize(b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf)?;
+        plan_quantize(
+            b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf,
+        )?;
     }
     let fixed = [
         ("DTYPE", dt_a.as_str()),
@@ -406,7 +410,13 @@ pub(crate) fn plan_matvec(
 /// Weight dtypes matmul_vec multiplies with an int8 input (XQ=1).
 const INT8_DOT_DTYPES: [crate::model::dtype::DType; 5] = {
     use crate::model::dtype::DType;
-    [DType::Q4_0, DType::Q4_1, DType::Q8_0, DType::Q4_K, DType::Q6_K]
+    [
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q8_0,
+        DType::Q4_K,
+        DType::Q6_K,
+    ]
 };
 
 /// The quantize_rows launch before an int8-input matmul: the input row

@@ -990,9 +990,19 @@ pub fn kernel_sources(
     caps: Caps,
     max_binding: u64,
 ) -> Result<Vec<(String, String)>> {
+    kernel_sources_with(g, caps, max_binding, &FuseOptions::default())
+}
+
+/// [`kernel_sources`] with fusion options.
+pub fn kernel_sources_with(
+    g: &BoundGraph,
+    caps: Caps,
+    max_binding: u64,
+    opts: &FuseOptions,
+) -> Result<Vec<(String, String)>> {
     let mut out: Vec<(String, String)> = Vec::new();
     for bucket in [Bucket::One, Bucket::Many] {
-        let p = plan(g, bucket, caps, max_binding)?;
+        let p = plan_with(g, bucket, caps, max_binding, opts)?;
         for (i, k) in p.kernels.iter().enumerate() {
             let file = format!("{}.wgsl", k.name());
             if out.iter().any(|(f, _)| *f == file) {
