@@ -7,12 +7,15 @@
 //! its quantized matmuls.
 //! NORM=1 folds an RMSNorm in: the block quantizes x · w, and its scale
 //! carries the row's 1 / sqrt(mean(x²) + eps).
-//! Dispatch: spread(ceil(K / 32 / WG)) over x and y (linear workgroup
+//! Dispatch: spread(ceil(K / 4 / WG)) over x and y (linear workgroup
 //! index g = wg.x + wg.y * num_workgroups.x), z = M; one invocation per
-//! block. K % 32 == 0; x rows (and w) are read as vec4.
-//! knob WG: 64
+//! word of q, eight to a block (WG % 8 == 0, so blocks never straddle
+//! workgroups). K % 32 == 0; x rows (and w) are read as vec4.
+//! The kernel is small and on the critical path of every decode step, so
+//! it is built for latency: every load is issued before any is waited on.
+//! knob WG: 256
 //! knob NORM: 0 1
-//! wg_storage: WG * 4
+//! wg_storage: WG * 4 * 2
 struct Params {
     m: u32,
     k: u32,
@@ -27,7 +30,10 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> q: array<u32>;
 @group(0) @binding(3) var<uniform> p: Params;
 
-var<workgroup> red: array<f32, {{WG}}>;
+const WG: u32 = {{WG}}u;
+
+var<workgroup> red: array<f32, WG>;
+var<workgroup> wmax: array<f32, WG>;
 
 @compute @workgroup_size({{WG}})
 fn main(
@@ -36,20 +42,33 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let m = wg.z;
-    let blk = (wg.x + wg.y * nwg.x) * {{WG}}u + lid;
-    let x4 = m * (p.k / 4u);
+    let n4 = p.k / 4u;
+    let word = (wg.x + wg.y * nwg.x) * WG + lid;
+    let x4 = m * n4;
+    // Invocations past the row repeat its last word (uniform barriers).
+    let wi = min(word, n4 - 1u);
+    var v = x[x4 + wi];
     var scale = 1.0;
 #if NORM
-    // Every workgroup sums the whole row: rows are short next to the
-    // matmul that reads them, and no second dispatch is needed.
+    v *= w[wi];
+    // Every workgroup sums the whole row (a few KiB, from cache): no
+    // second dispatch. Four loads in flight per invocation.
     var ss = 0.0;
-    for (var i = lid; i < p.k / 4u; i += {{WG}}u) {
-        let v = x[x4 + i];
-        ss += dot(v, v);
+    var i = lid;
+    for (; i + 3u * WG < n4; i += 4u * WG) {
+        let a = x[x4 + i];
+        let b = x[x4 + i + WG];
+        let c = x[x4 + i + 2u * WG];
+        let d = x[x4 + i + 3u * WG];
+        ss += (dot(a, a) + dot(b, b)) + (dot(c, c) + dot(d, d));
+    }
+    for (; i < n4; i += WG) {
+        let a = x[x4 + i];
+        ss += dot(a, a);
     }
     red[lid] = ss;
     workgroupBarrier();
-    for (var st = {{WG}}u / 2u; st > 0u; st /= 2u) {
+    for (var st = WG / 2u; st > 0u; st /= 2u) {
         if lid < st {
             red[lid] += red[lid + st];
         }
@@ -57,24 +76,21 @@ fn main(
     }
     scale = inverseSqrt(red[0] / f32(p.k) + p.eps);
 #endif
-    if blk >= p.k / 32u {
+    let a = abs(v);
+    wmax[lid] = max(max(a.x, a.y), max(a.z, a.w));
+    workgroupBarrier();
+    let b0 = lid & ~7u;
+    var amax = wmax[b0];
+    for (var j = 1u; j < 8u; j++) {
+        amax = max(amax, wmax[b0 + j]);
+    }
+    if word >= n4 {
         return;
     }
-    var v: array<vec4<f32>, 8>;
-    var amax = 0.0;
-    for (var j = 0u; j < 8u; j++) {
-        var e = x[x4 + blk * 8u + j];
-#if NORM
-        e *= w[blk * 8u + j];
-#endif
-        v[j] = e;
-        let a = abs(e);
-        amax = max(amax, max(max(a.x, a.y), max(a.z, a.w)));
-    }
     let inv = select(0.0, 1.0 / amax, amax > 0.0);
-    let row = p.qo + m * (p.k / 4u + p.k / 32u);
-    for (var j = 0u; j < 8u; j++) {
-        q[row + blk * 8u + j] = pack4x8snorm(v[j] * inv);
+    let row = p.qo + m * (n4 + p.k / 32u);
+    q[row + word] = pack4x8snorm(v * inv);
+    if lid == b0 {
+        q[row + n4 + word / 8u] = bitcast<u32>(amax / 127.0 * scale);
     }
-    q[row + p.k / 4u + blk] = bitcast<u32>(amax / 127.0 * scale);
 }

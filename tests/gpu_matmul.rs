@@ -606,12 +606,15 @@ fn templates_cover_every_supported_dtype() {
 /// throughput of the variants on the adapter (run on a real GPU with
 /// `cargo test --release --test gpu_matmul -- --ignored --nocapture`).
 ///
-/// matmul_vec runs alone (no sibling weights, default hook; the input read
-/// from memory, staged (XS 4096) or quantized to int8 (XQ 1)) at K=4096 with N=14336 (the Llama-3-8B feed-forward shape) and N=32768;
-/// every (WG, ROWS, SUBGROUPS, F16) variant prints a line, then one summary
-/// line per shape and dtype gives the fastest variant and the one the
-/// planner picks (its last knob values). `KILN_SPEED_DTYPES=Q4_0,Q4_K`
-/// limits the dtypes; `KILN_SPEED_TILED=0` skips matmul_tiled.
+/// matmul_vec runs alone (no sibling weights, default hook) with one token
+/// row, for each shape of `KILN_SPEED_SHAPES` (K x N pairs, default
+/// `4096x14336,4096x32768`: the Llama-3-8B feed-forward and a wide output)
+/// and each input mode of `KILN_SPEED_INPUT` (`f32` read from memory,
+/// `staged` in workgroup memory (XS 4096, K <= 4096), `int8` quantized (XQ
+/// 1); default all): every (WG, ROWS, SUBGROUPS, F16) variant prints a
+/// line, then one summary line per shape, dtype and mode gives the
+/// fastest. `KILN_SPEED_DTYPES=Q4_0,Q4_K` limits the dtypes;
+/// `KILN_SPEED_TILED=0` skips matmul_tiled.
 #[test]
 #[ignore]
 fn print_speed() {
@@ -645,71 +648,72 @@ fn print_speed() {
         .filter(|d| want.as_ref().is_none_or(|w| w.split(',').any(|x| x == *d)))
         .collect();
 
-    // matmul_vec: (token rows, K, N).
+    // matmul_vec: one token row, (K, N) shapes, each input mode.
     let t = codegen::template("matmul_vec").unwrap();
-    let (kk, n_max) = (4096usize, 32768usize);
+    let shapes: Vec<(usize, usize)> = std::env::var("KILN_SPEED_SHAPES")
+        .unwrap_or_else(|_| "4096x14336,4096x32768".into())
+        .split(',')
+        .map(|s| {
+            let (k, n) = s.split_once('x').expect("KILN_SPEED_SHAPES: KxN,...");
+            (k.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    let modes: Vec<(&str, &str, &str)> = [
+        ("f32", "0", "0"),
+        ("staged", "4096", "0"),
+        ("int8", "0", "1"),
+    ]
+    .into_iter()
+    .filter(|m| std::env::var("KILN_SPEED_INPUT").map_or(true, |w| w.split(',').any(|x| x == m.0)))
+    .collect();
     let mut summary = Vec::new();
     for &dt in &dtypes {
         let d = DType::from_name(dt).unwrap();
-        let wbytes = random_weights(&mut rng, d, n_max, kk);
-        let row_bytes = wbytes.len() / n_max;
-        let wb = kernel::storage(&ctx, "w", &wbytes);
-        let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
-        let yb = kernel::poisoned(&ctx, "y", n_max);
-        let mut variants = Vec::new();
-        for (xs, xq) in [("0", "0"), ("4096", "0"), ("0", "1")] {
-            let fixed: Knobs = [
-                ("DTYPE", dt),
-                ("DTYPE_B", "NONE"),
-                ("DTYPE_C", "NONE"),
-                ("PAIR", "0"),
-                ("XS", xs),
-                ("NORM", "0"),
-                ("XQ", xq),
-            ]
-            .iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect();
-            variants.extend(t.variants_pinned(&fixed, &caps(&ctx)).unwrap());
-        }
-        let kernels: Vec<Kernel> = variants.iter().map(|kn| build(&ctx, &t, kn)).collect();
-        for n in [14336usize, n_max] {
+        for &(kk, n) in &shapes {
+            let wbytes = random_weights(&mut rng, d, n, kk);
+            let row_bytes = wbytes.len() / n;
+            let wb = kernel::storage(&ctx, "w", &wbytes);
+            let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
+            let yb = kernel::poisoned(&ctx, "y", n);
             let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
-            let mut best = (0.0f64, String::new());
-            let mut picked = 0.0;
-            for (knobs, k) in variants.iter().zip(&kernels) {
-                let bind = k.bind_at(&ctx, &[(0, &wb), (3, &xb), (4, &yb), (5, &pb)]);
-                let mut g = spread((n as u32).div_ceil(knob(knobs, "ROWS")), 65535);
-                g[2] = 1;
-                let s = time(k, &bind, g);
-                let gbs = (n * row_bytes) as f64 / s / 1e9;
-                let name = variant_name(&t.name, knobs);
-                eprintln!("N={n:5} {name:75} {:8.1} us {gbs:8.1} GB/s", s * 1e6);
-                if gbs > best.0 {
-                    best = (gbs, name);
+            for &(mode, xs, xq) in &modes {
+                if xs != "0" && kk > 4096 {
+                    continue;
                 }
-                let last = |kn: &str| {
-                    t.knobs
-                        .iter()
-                        .find(|x| x.name == kn)
-                        .unwrap()
-                        .values
-                        .last()
-                        .cloned()
-                };
-                let pick = ["WG", "ROWS", "SUBGROUPS", "F16"]
-                    .iter()
-                    .all(|kn| Some(&knobs[*kn]) == last(kn).as_ref())
-                    && knobs["XS"] == "0"
-                    && knobs["XQ"] == "0";
-                if pick {
-                    picked = gbs;
+                let fixed: Knobs = [
+                    ("DTYPE", dt),
+                    ("DTYPE_B", "NONE"),
+                    ("DTYPE_C", "NONE"),
+                    ("PAIR", "0"),
+                    ("XS", xs),
+                    ("NORM", "0"),
+                    ("XQ", xq),
+                ]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+                let mut best = (0.0f64, String::new());
+                for knobs in t.variants_pinned(&fixed, &caps(&ctx)).unwrap() {
+                    let k = build(&ctx, &t, &knobs);
+                    let bind = k.bind_at(&ctx, &[(0, &wb), (3, &xb), (4, &yb), (5, &pb)]);
+                    let mut g = spread((n as u32).div_ceil(knob(&knobs, "ROWS")), 65535);
+                    g[2] = 1;
+                    let s = time(&k, &bind, g);
+                    let gbs = (n * row_bytes) as f64 / s / 1e9;
+                    let name = variant_name(&t.name, &knobs);
+                    eprintln!(
+                        "K={kk:5} N={n:5} {name:75} {:8.1} us {gbs:8.1} GB/s",
+                        s * 1e6
+                    );
+                    if gbs > best.0 {
+                        best = (gbs, name);
+                    }
                 }
+                summary.push(format!(
+                    "summary K={kk:5} N={n:5} {dt:7} {mode:6} best {:7.1} GB/s ({})",
+                    best.0, best.1
+                ));
             }
-            summary.push(format!(
-                "summary K=4096 N={n:5} {dt:7} planner's pick (XS=0) {picked:7.1} GB/s, best {:7.1} GB/s ({})",
-                best.0, best.1
-            ));
         }
     }
     for l in &summary {
@@ -751,16 +755,17 @@ fn print_speed() {
 }
 
 /// quantize_rows (the int8 input of matmul_vec's XQ) in every variant and
-/// feature set against tests/common's q8_quantize: rows of K = 160 (five
-/// blocks, more than one workgroup's worth with a forced WG-sized grid),
-/// written after a 5-word offset that must keep its poison. q may differ by
+/// feature set against tests/common's q8_quantize: rows of K = 4160 (130
+/// blocks: several workgroups, the last one partial, and the norm's sum
+/// through both of its loops), written after a 5-word offset that must
+/// keep its poison. q may differ by
 /// one step where the GPU's 1 / max|x| rounds differently (at most 1 in
 /// 500 bytes), scales by 1e-5 relative (the norm's sum in another order).
 #[test]
 fn quantize_rows_all_variants() {
     let mut rng = Rng(fresh_seed());
     let t = codegen::template("quantize_rows").unwrap();
-    let (m, kk, qo) = (3usize, 160usize, 5usize);
+    let (m, kk, qo) = (3usize, 4160usize, 5usize);
     let row_words = kk / 4 + kk / 32;
     let mut runs = 0;
     for ctx in gpu_contexts() {
@@ -780,8 +785,8 @@ fn quantize_rows_all_variants() {
                 binds.push((1, &wb));
             }
             let bind = k.bind_at(&ctx, &binds);
-            let blocks = (kk / 32) as u32;
-            let mut g = spread(blocks.div_ceil(knob(&knobs, "WG")), 65535);
+            let words = (kk / 4) as u32;
+            let mut g = spread(words.div_ceil(knob(&knobs, "WG")), 2);
             g[2] = m as u32;
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             k.dispatch(&mut enc, &bind, g);

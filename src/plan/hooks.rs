@@ -471,7 +471,7 @@ fn plan_quantize(
             Word::F(eps as f32),
         ],
         |kn| Groups::Linear {
-            n: Lin::c((k / 32) as u64),
+            n: Lin::c((k / 4) as u64),
             div: knob(kn, "WG", 1),
             z: rows_m,
         },

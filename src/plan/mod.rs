@@ -266,7 +266,31 @@ impl Plan {
 /// cost model for now: subgroups and f16 when available, and for every other
 /// knob the value listed last in the template (templates list values from
 /// least to most preferred). The autotuner replaces this later.
+///
+/// `KILN_KNOBS` overrides the choice for experiments and tuning by hand:
+/// comma-separated `KNOB=VALUE` or `TEMPLATE.KNOB=VALUE` pins (e.g.
+/// `matmul_vec.WG=64,matmul_vec.ROWS=2`), applied to every template that
+/// has the knob and where the planner did not pin it itself.
 pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
+    let mut fixed = fixed.clone();
+    if let Ok(pins) = std::env::var("KILN_KNOBS") {
+        for pin in pins.split(',').filter(|p| !p.trim().is_empty()) {
+            let (name, value) = pin.trim().split_once('=').ok_or_else(|| {
+                Error::Gpu(format!(
+                    "KILN_KNOBS: '{pin}' is not KNOB=VALUE or TEMPLATE.KNOB=VALUE"
+                ))
+            })?;
+            let knob = match name.split_once('.') {
+                Some((tn, k)) if tn == t.name => k,
+                Some(_) => continue,
+                None => name,
+            };
+            if t.knobs.iter().any(|k| k.name == knob) && !fixed.contains_key(knob) {
+                fixed.insert(knob.to_string(), value.to_string());
+            }
+        }
+    }
+    let fixed = &fixed;
     let variants = t
         .variants_pinned(fixed, caps)
         .map_err(|e| Error::Gpu(e.to_string()))?;
@@ -287,9 +311,14 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
         .max_by_key(score)
         .ok_or_else(|| {
             Error::Gpu(format!(
-                "template {} has no variant with {} that this adapter can run",
+                "template {} has no variant with {} that this adapter can run{}",
                 t.name,
-                codegen::knobs_str(fixed)
+                codegen::knobs_str(fixed),
+                if std::env::var("KILN_KNOBS").is_ok() {
+                    " (check KILN_KNOBS)"
+                } else {
+                    ""
+                }
             ))
         })
 }
