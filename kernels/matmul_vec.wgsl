@@ -39,7 +39,7 @@
 //! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
 //! knob PAIR: 0 1
 //! knob XS: 0 1024 2048 4096 8192
-//! knob WG: 64 256
+//! knob WG: 64 128 256
 //! knob ROWS: 1 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
@@ -89,10 +89,11 @@ fn xs_st(e: u32, v: f32) {
 
 #if XQ
 // One piece's share of the quantized input (matvec_rows.wgsl's xq_piece
-// says which words): up to four words of q, each word's block scale d, and
-// d · Σ q over the word.
+// says which): up to eight words of q (q, r), block scales d and sums
+// d · Σ q.
 struct XP {
     q: vec4<u32>,
+    r: vec4<u32>,
     d: vec4<f32>,
     s: vec4<f32>,
 }

@@ -669,7 +669,7 @@ fn bench(
     );
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / times.steps.max(1) as f64;
     println!(
-        "decode step host   encode {:.0} µs + submit {:.0} µs + wait for GPU and read back {:.0} µs",
+        "decode step host   encode (+ early chunks submitted) {:.0} µs + submit last {:.0} µs + wait for GPU and read back {:.0} µs",
         us(times.encode),
         us(times.submit),
         us(times.wait)

@@ -124,80 +124,85 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
 // all rows), dotq(row, pi, xp) is the row's share. The packed fields become
 // int8 bytes (nibbles 0..15, 6-bit values 0..63, Q8_0's signed bytes) for
 // dot4I8Packed; offsets (−8, −32, −min) go through xp.s = d · Σ q.
-#if DTYPE == 'Q4_0'
-// Piece p: word j = p % 4 of block p / 4's 16 nibble bytes: the low nibbles
-// are elements 4j.., the high ones 16 + 4j.. of the block.
-const PIECE: u32 = 8u;
-
-fn xq_piece(pi: u32) -> XP {
-    let e = (pi / 4u) * 32u + (pi % 4u) * 4u;
-    let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
-    let d = xq_d(e);
-    return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
-}
-
-fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let b = row + (pi / 4u) * 18u;
-    let w = load_u32(b + 2u + (pi % 4u) * 4u);
-    let m4 = 0x0f0f0f0fu;
-    let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
-    return scale_at(b) * (xp.d.x * f32(s) - 8.0 * xp.s.x);
-}
-#elif DTYPE == 'Q4_1'
-// As Q4_0, blocks of 20 bytes (d, m, 16 nibble bytes; word-aligned).
-const PIECE: u32 = 8u;
-
-fn xq_piece(pi: u32) -> XP {
-    let e = (pi / 4u) * 32u + (pi % 4u) * 4u;
-    let q = vec2<u32>(xq_word(e), xq_word(e + 16u));
-    let d = xq_d(e);
-    return XP(vec4<u32>(q, 0u, 0u), vec4<f32>(d), vec4<f32>(xq_sum(q.x, d) + xq_sum(q.y, d)));
-}
-
-fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let bw = (row + (pi / 4u) * 20u) >> 2u;
-    let w = load_word(bw + 1u + pi % 4u);
-    let m4 = 0x0f0f0f0fu;
-    let s = dot4I8Packed(w & m4, xp.q.x) + dot4I8Packed((w >> 4u) & m4, xp.q.y);
-    let dm = scales2(load_word(bw));
-    return dm.x * xp.d.x * f32(s) + dm.y * xp.s.x;
-}
-#elif DTYPE == 'Q8_0'
-// Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
-const PIECE: u32 = 8u;
-
-fn xq_piece(pi: u32) -> XP {
-    let e = pi * 8u;
-    return XP(vec4<u32>(xq_word(e), xq_word(e + 4u), 0u, 0u), vec4<f32>(xq_d(e)), vec4<f32>(0.0));
-}
-
-fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let b = row + (pi / 4u) * 34u;
-    // The 8 bytes at b + 2 + 8j: three words, shifted into two.
-    let o = b + 2u + (pi % 4u) * 8u;
+// The 8 bytes at byte offset o (even): three words, shifted into two.
+fn load_u64(o: u32) -> vec2<u32> {
     let i = o >> 2u;
     let sh = (o & 3u) * 8u;
     let w0 = load_word(i);
     let w1 = load_word(i + 1u);
     let w2 = load_word(i + 2u);
     // `(hi << (31 - sh)) << 1` is `hi << (32 - sh)`, and 0 when sh == 0.
-    let q0 = (w0 >> sh) | ((w1 << (31u - sh)) << 1u);
-    let q1 = (w1 >> sh) | ((w2 << (31u - sh)) << 1u);
-    let s = dot4I8Packed(q0, xp.q.x) + dot4I8Packed(q1, xp.q.y);
-    return scale_at(b) * xp.d.x * f32(s);
+    return vec2<u32>((w0 >> sh) | ((w1 << (31u - sh)) << 1u), (w1 >> sh) | ((w2 << (31u - sh)) << 1u));
 }
-#elif DTYPE == 'Q4_K'
-// Piece p: words 2t, 2t + 1 (t = p % 4) of sub-block pair i = (p / 4) % 4
-// of super-block p / 16: low nibbles are elements 64i + 8t.. (sub-block
-// 2i), high ones 64i + 32 + 8t.. (sub-block 2i + 1).
+
+// Σ over two nibble words w0, w1 (four nibbles a byte): low nibbles with
+// q.x, q.y, high nibbles with q.z, q.w.
+fn dot_nibbles(w0: u32, w1: u32, q: vec4<u32>) -> i32 {
+    let m4 = 0x0f0f0f0fu;
+    return (dot4I8Packed(w0 & m4, q.x) + dot4I8Packed(w1 & m4, q.y))
+        + (dot4I8Packed((w0 >> 4u) & m4, q.z) + dot4I8Packed((w1 >> 4u) & m4, q.w));
+}
+
+#if DTYPE == 'Q4_0' || DTYPE == 'Q4_1'
+// Piece p: half h = p % 2 of block p / 2's 16 nibble bytes (bytes
+// 8h..8h+8): the low nibbles are elements 8h.., the high ones 16 + 8h..
 const PIECE: u32 = 16u;
 
 fn xq_piece(pi: u32) -> XP {
-    let e = (pi / 4u) * 64u + (pi % 4u) * 8u;
-    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 32u), xq_word(e + 36u));
+    let e = (pi / 2u) * 32u + (pi % 2u) * 8u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 16u), xq_word(e + 20u));
+    let d = xq_d(e);
+    let s = xq_sum(q.x, d) + xq_sum(q.y, d) + xq_sum(q.z, d) + xq_sum(q.w, d);
+    return XP(q, vec4<u32>(0u), vec4<f32>(d), vec4<f32>(s));
+}
+
+#if DTYPE == 'Q4_0'
+// 18-byte blocks (d, 16 nibble bytes): d · Σ (n − 8)·q·dx.
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 2u) * 18u;
+    let w = load_u64(b + 2u + (pi % 2u) * 8u);
+    return scale_at(b) * (xp.d.x * f32(dot_nibbles(w.x, w.y, xp.q)) - 8.0 * xp.s.x);
+}
+#else
+// 20-byte blocks (d, m, 16 nibble bytes; word-aligned): Σ (d·n + m)·q·dx.
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let bw = (row + (pi / 2u) * 20u) >> 2u;
+    let qw = bw + 1u + (pi % 2u) * 2u;
+    let dm = scales2(load_word(bw));
+    return dm.x * xp.d.x * f32(dot_nibbles(load_word(qw), load_word(qw + 1u), xp.q)) + dm.y * xp.s.x;
+}
+#endif
+#elif DTYPE == 'Q8_0'
+// Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
+const PIECE: u32 = 8u;
+
+fn xq_piece(pi: u32) -> XP {
+    let e = pi * 8u;
+    return XP(vec4<u32>(xq_word(e), xq_word(e + 4u), 0u, 0u), vec4<u32>(0u), vec4<f32>(xq_d(e)), vec4<f32>(0.0));
+}
+
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 4u) * 34u;
+    let w = load_u64(b + 2u + (pi % 4u) * 8u);
+    let s = dot4I8Packed(w.x, xp.q.x) + dot4I8Packed(w.y, xp.q.y);
+    return scale_at(b) * xp.d.x * f32(s);
+}
+#elif DTYPE == 'Q4_K'
+// Piece p: words 4t..4t+4 (t = p % 2) of sub-block pair i = (p / 2) % 4 of
+// super-block p / 8: low nibbles are elements 64i + 16t.. (sub-block 2i),
+// high ones 64i + 32 + 16t.. (sub-block 2i + 1).
+const PIECE: u32 = 32u;
+
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 2u) * 64u + (pi % 2u) * 16u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
+    let r = vec4<u32>(xq_word(e + 32u), xq_word(e + 36u), xq_word(e + 40u), xq_word(e + 44u));
     let d = vec2<f32>(xq_d(e), xq_d(e + 32u));
-    let s = vec2<f32>(xq_sum(q.x, d.x) + xq_sum(q.y, d.x), xq_sum(q.z, d.y) + xq_sum(q.w, d.y));
-    return XP(q, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+    let s = vec2<f32>(
+        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
+        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
+    );
+    return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
 }
 
 // (sc, m) of sub-blocks 2i and 2i + 1 from the 12 scale bytes (words
@@ -220,17 +225,18 @@ fn k4_pair(s0: u32, s1: u32, s2: u32, i: u32) -> vec4<f32> {
 }
 
 fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let bw = (row + (pi / 16u) * 144u) >> 2u;
-    let i = (pi / 4u) % 4u;
-    let qw = bw + 4u + i * 8u + (pi % 4u) * 2u;
-    let w0 = load_word(qw);
-    let w1 = load_word(qw + 1u);
-    let m4 = 0x0f0f0f0fu;
-    let lo = dot4I8Packed(w0 & m4, xp.q.x) + dot4I8Packed(w1 & m4, xp.q.y);
-    let hi = dot4I8Packed((w0 >> 4u) & m4, xp.q.z) + dot4I8Packed((w1 >> 4u) & m4, xp.q.w);
+    let bw = (row + (pi / 8u) * 144u) >> 2u;
+    let i = (pi / 2u) % 4u;
+    let qw = bw + 4u + i * 8u + (pi % 2u) * 4u;
+    let w = vec4<u32>(load_word(qw), load_word(qw + 1u), load_word(qw + 2u), load_word(qw + 3u));
+    let m4 = vec4<u32>(0x0f0f0f0fu);
+    let lo = w & m4;
+    let hi = (w >> vec4<u32>(4u)) & m4;
+    let slo = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w));
+    let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
     let dm = scales2(load_word(bw));
     let sm = k4_pair(load_word(bw + 1u), load_word(bw + 2u), load_word(bw + 3u), i);
-    return dm.x * (sm.x * xp.d.x * f32(lo) + sm.y * xp.d.y * f32(hi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
+    return dm.x * (sm.x * xp.d.x * f32(slo) + sm.y * xp.d.y * f32(shi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
 }
 #elif DTYPE == 'Q6_K'
 // Piece p: bytes l..l+4 (l = 4 (p % 8)) of half h = (p / 8) % 2 of
@@ -244,7 +250,7 @@ fn xq_piece(pi: u32) -> XP {
     let q = vec4<u32>(xq_word(e), xq_word(e + 32u), xq_word(e + 64u), xq_word(e + 96u));
     let d = vec4<f32>(xq_d(e), xq_d(e + 32u), xq_d(e + 64u), xq_d(e + 96u));
     let s = vec4<f32>(xq_sum(q.x, d.x), xq_sum(q.y, d.y), xq_sum(q.z, d.z), xq_sum(q.w, d.w));
-    return XP(q, d, s);
+    return XP(q, vec4<u32>(0u), d, s);
 }
 
 fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
