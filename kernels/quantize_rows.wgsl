@@ -7,6 +7,10 @@
 //! its quantized matmuls.
 //! NORM=1 folds an RMSNorm in: the block quantizes x · w, and its scale
 //! carries the row's 1 / sqrt(mean(x²) + eps).
+//! MERGE=1 makes the row from a split attention's partials instead: after
+//! the M rows of K (= heads × p.dv) elements, each token's [heads, p.s,
+//! p.dv + 2] partial rows (max score, Σ exp, Σ exp · v) merge into the head's
+//! output (as attention_merge.wgsl does; p.dv % 4 == 0).
 //! Dispatch: spread(ceil(K / 4 / WG)) over x and y (linear workgroup
 //! index g = wg.x + wg.y * num_workgroups.x), z = M; one invocation per
 //! word of q, eight to a block (WG % 8 == 0, so blocks never straddle
@@ -15,15 +19,24 @@
 //! it is built for latency: every load is issued before any is waited on.
 //! knob WG: 256
 //! knob NORM: 0 1
+//! knob MERGE: 0 1
+//! require: NORM == 0 || MERGE == 0
 //! wg_storage: WG * 4 * 2
 struct Params {
     m: u32,
     k: u32,
     qo: u32,
     eps: f32,
+    // MERGE: splits and head width.
+    s: u32,
+    dv: u32,
 }
 
+#if MERGE
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+#else
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+#endif
 #if NORM
 @group(0) @binding(1) var<storage, read> w: array<vec4<f32>>;
 #endif
@@ -47,7 +60,27 @@ fn main(
     let x4 = m * n4;
     // Invocations past the row repeat its last word (uniform barriers).
     let wi = min(word, n4 - 1u);
+#if MERGE
+    // Elements 4 wi.. lie in one head; its partial rows for this token.
+    let prow = p.dv + 2u;
+    let hb = p.m * p.k + m * (p.k / p.dv) * p.s * prow + ((4u * wi) / p.dv) * p.s * prow;
+    let d = (4u * wi) % p.dv;
+    var mx = -3.0e38;
+    for (var s = 0u; s < p.s; s++) {
+        mx = max(mx, x[hb + s * prow]);
+    }
+    var num = vec4<f32>(0.0);
+    var den = 0.0;
+    for (var s = 0u; s < p.s; s++) {
+        let r = hb + s * prow;
+        let w = exp(x[r] - mx);
+        den += w * x[r + 1u];
+        num += w * vec4<f32>(x[r + 2u + d], x[r + 3u + d], x[r + 4u + d], x[r + 5u + d]);
+    }
+    var v = num / den;
+#else
     var v = x[x4 + wi];
+#endif
     var scale = 1.0;
 #if NORM
     v *= w[wi];

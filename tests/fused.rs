@@ -83,7 +83,11 @@ fn gpu_run(
             splits >= opts.splits.unwrap_or(2),
             "{opts:?}: {splits} splits"
         );
-        if opts.disabled.iter().any(|p| p == "prologue") {
+        // Without the prologue pass, or with rows too long to stage read
+        // in f32, an attention_merge dispatch merges.
+        if opts.disabled.iter().any(|p| p == "prologue")
+            || (opts.stage_up_to_k == Some(0) && opts.f32_activations)
+        {
             assert!(in_prologue == 0 && dispatched > 0, "{opts:?}");
         } else {
             assert!(in_prologue > 0, "{opts:?}: no merge in a prologue");

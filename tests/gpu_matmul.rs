@@ -757,8 +757,9 @@ fn print_speed() {
 /// quantize_rows (the int8 input of matmul_vec's XQ) in every variant and
 /// feature set against tests/common's q8_quantize: rows of K = 4160 (130
 /// blocks: several workgroups, the last one partial, and the norm's sum
-/// through both of its loops), written after a 5-word offset that must
-/// keep its poison. q may differ by
+/// through both of its loops; with MERGE, 65 heads of 64 merged from 3
+/// split-attention partial rows each), written after a 5-word offset that
+/// must keep its poison. q may differ by
 /// one step where the GPU's 1 / max|x| rounds differently (at most 1 in
 /// 500 bytes), scales by 1e-5 relative (the norm's sum in another order).
 #[test]
@@ -771,15 +772,53 @@ fn quantize_rows_all_variants() {
     for ctx in gpu_contexts() {
         for knobs in t.variants(&caps(&ctx)).unwrap() {
             let norm = knobs["NORM"] == "1";
-            let x = rng.vec(m * kk);
+            let merge = knobs["MERGE"] == "1";
+            let mut x = rng.vec(m * kk);
             let w = rng.vec(kk);
             let eps = 1e-5f32;
-            let want = q8_quantize(&x, kk, norm.then_some((&w[..], eps)));
+            // MERGE: 65 heads of 64, 3 splits; partial rows (max score,
+            // Σ exp, Σ exp · v) after the M rows; the merged row replaces x.
+            let (heads, dv, splits) = (65usize, 64usize, 3usize);
+            let row = dv + 2;
+            let want = if merge {
+                let mut merged = Vec::new();
+                for _ in 0..m * heads {
+                    let rows: Vec<Vec<f32>> = (0..splits)
+                        .map(|_| {
+                            let mut r = rng.vec(row);
+                            r[0] *= 2.0;
+                            r[1] = r[1].abs() + 0.5;
+                            r
+                        })
+                        .collect();
+                    let mx = rows.iter().fold(f32::MIN, |a, r| a.max(r[0]));
+                    let den: f32 = rows.iter().map(|r| (r[0] - mx).exp() * r[1]).sum();
+                    for d in 0..dv {
+                        let num: f32 = rows.iter().map(|r| (r[0] - mx).exp() * r[2 + d]).sum();
+                        merged.push(num / den);
+                    }
+                    x.extend(rows.into_iter().flatten());
+                }
+                q8_quantize(&merged, kk, None)
+            } else {
+                q8_quantize(&x, kk, norm.then_some((&w[..], eps)))
+            };
             let k = build(&ctx, &t, &knobs);
             let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&x));
             let wb = kernel::storage(&ctx, "w", bytemuck::cast_slice(&w));
             let qb = kernel::poisoned(&ctx, "q", qo + m * row_words);
-            let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, qo as u32, eps.to_bits()]);
+            let pb = kernel::uniform(
+                &ctx,
+                "p",
+                &[
+                    m as u32,
+                    kk as u32,
+                    qo as u32,
+                    eps.to_bits(),
+                    splits as u32,
+                    dv as u32,
+                ],
+            );
             let mut binds = vec![(0, &xb), (2, &qb), (3, &pb)];
             if norm {
                 binds.push((1, &wb));
@@ -833,5 +872,5 @@ fn quantize_rows_all_variants() {
             runs += 1;
         }
     }
-    assert!(runs >= 8, "quantize_rows: {runs} variant runs");
+    assert!(runs >= 12, "quantize_rows: {runs} variant runs");
 }

@@ -7,7 +7,9 @@
 # 1. The two small real models, as they are, in two feature sets.
 # 2. The 8B-class shapes (Llama-3-8B, Qwen2.5-7B) in the dtype mixes q4_k_m
 #    (llama.cpp's Q4_K_M rules, from the spec) and q4_0, all features. Each
-#    GGUF is ~5 GB: written one at a time and deleted after its run.
+#    GGUF is ~5 GB: written one at a time and deleted after its run. The
+#    Llama-3-8B shape once more with --f32-activations (matmul inputs kept
+#    in f32 instead of int8), for the comparison.
 #
 #   tools/bench-gpu.sh [path/to/kiln]      (default: target/release/kiln)
 set -euo pipefail
@@ -28,6 +30,10 @@ for name in llama3-8b qwen2.5-7b; do
     "$BIN" synth --spec "tools/specs/$name.json" --mix "$mix" --out "$model" --seed 7
     echo "== $name, --mix $mix, --features all"
     "$BIN" bench --model "$model" --features all --decode 32 --prefill 512
+    if [ "$name" = llama3-8b ]; then
+      echo "== $name, --mix $mix, --features all --f32-activations"
+      "$BIN" bench --model "$model" --features all --decode 32 --prefill 16 --f32-activations
+    fi
     rm -f "$model"
   done
 done

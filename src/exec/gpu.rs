@@ -63,6 +63,9 @@ pub struct GpuBackend<'a> {
     /// When set, the next encoded step puts every dispatch in its own pass
     /// with GPU timestamps around it (kernel names recorded in order).
     profiling: Option<(wgpu::QuerySet, Vec<String>)>,
+    /// Dispatches per submitted command buffer ([`SUBMIT_EVERY`], or
+    /// `KILN_SUBMIT_EVERY`).
+    submit_every: usize,
     /// Give every value its own bytes (no reuse), so that any value can be
     /// read back after a step (`--verify-replay`).
     keep_values: bool,
@@ -288,6 +291,11 @@ impl<'a> GpuBackend<'a> {
             staging: None,
             times: StepTimes::default(),
             profiling: None,
+            submit_every: std::env::var("KILN_SUBMIT_EVERY")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&n: &usize| n > 0)
+                .unwrap_or(SUBMIT_EVERY),
             keep_values: false,
             argmax,
             argmax_out: zeros(1, "argmax"),
@@ -650,6 +658,7 @@ fn resolve<'b>(
 /// a dispatch's CPU work (~2 µs on the H200 machine) when the command
 /// buffer is finished and submitted, and the GPU starts only then: one
 /// buffer for a 300-dispatch step kept the GPU idle for ~0.7 ms per token.
+/// `KILN_SUBMIT_EVERY=N` overrides it (experiments).
 pub const SUBMIT_EVERY: usize = 32;
 
 impl GpuBackend<'_> {
@@ -719,7 +728,7 @@ impl GpuBackend<'_> {
                     let Some((_, bg)) = bound else { continue };
                     // Submit what is recorded every SUBMIT_EVERY dispatches:
                     // the GPU starts on it while the rest is recorded.
-                    if in_chunk == SUBMIT_EVERY && self.profiling.is_none() {
+                    if in_chunk == self.submit_every && self.profiling.is_none() {
                         pass = None;
                         let full = std::mem::replace(
                             &mut enc,

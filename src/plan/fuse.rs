@@ -587,7 +587,7 @@ fn split(cx: &mut Ctx, groups: &mut [Group], opts: &FuseOptions) {
         }
         let (attn, out) = (a.attn, n.output);
         let merger = if opts.on("prologue") {
-            merge_consumer(cx, groups, out)
+            merge_consumer(cx, groups, out, opts)
         } else {
             None
         };
@@ -613,8 +613,15 @@ fn split(cx: &mut Ctx, groups: &mut [Group], opts: &FuseOptions) {
 /// The matvec group (index) whose input row is attention output `out`
 /// (through at most one Reshape, returned too), if its prologue can merge
 /// the partials: nothing else reads them, no other prologue, and a row
-/// short enough to stage ([`PROLOGUE_PAYS_UP_TO_K`]).
-fn merge_consumer(cx: &Ctx, groups: &[Group], out: ValueId) -> Option<(usize, Option<usize>)> {
+/// short enough to stage (`stage_up_to_k`, default
+/// [`PROLOGUE_PAYS_UP_TO_K`]) or a longer one the matmul reads as int8
+/// (the quantize_rows dispatch before it merges).
+fn merge_consumer(
+    cx: &Ctx,
+    groups: &[Group],
+    out: ValueId,
+    opts: &FuseOptions,
+) -> Option<(usize, Option<usize>)> {
     let g = cx.g;
     let mut row = out;
     let mut reshape = None;
@@ -628,13 +635,18 @@ fn merge_consumer(cx: &Ctx, groups: &[Group], out: ValueId) -> Option<(usize, Op
         c = cx.only_consumer(row)?;
     }
     let k = weight_k(g, c);
-    if k == 0 || k > PROLOGUE_PAYS_UP_TO_K || per_token(g, row) != k || !has_tokens(g, row) {
+    if k == 0 || per_token(g, row) != k || !has_tokens(g, row) {
         return None;
     }
     let j = groups.iter().position(
         |gr| matches!(gr, Group::Matvec(m) if m.mats.contains(&c) && m.prologue.is_empty()),
     )?;
-    Some((j, reshape))
+    let Group::Matvec(m) = &groups[j] else {
+        return None;
+    };
+    let stage = opts.stage_up_to_k.unwrap_or(PROLOGUE_PAYS_UP_TO_K);
+    let int8 = k > stage && !opts.f32_activations && super::hooks::int8_input_ok(g, &m.mats, k);
+    (k <= stage || int8).then_some((j, reshape))
 }
 
 /// (source row, per-head norm node, rope node, absorbed nodes).

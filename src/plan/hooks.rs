@@ -139,19 +139,6 @@ pub(crate) fn plan_matvec(
         )));
     }
     let pair = m.pair.is_some();
-    let xs = if (m.prologue.is_empty() || m.scaled) && m.merge.is_none() {
-        0
-    } else {
-        *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
-            Error::Gpu(format!(
-                "a fused prologue needs a row of {k} elements, more than {MAX_PROLOGUE_K}; run with --no-fuse prologue"
-            ))
-        })?
-    };
-    let dts: Vec<String> = ws.iter().map(|&w| g.weights[w].dtype.to_string()).collect();
-    let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
-    let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
-    let xs_s = xs.to_string();
     let start = match (m.merge, m.prologue.first()) {
         (Some(mg), _) => g.nodes[mg.attn].output,
         (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
@@ -164,23 +151,41 @@ pub(crate) fn plan_matvec(
         .collect();
     let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
     nodes.sort_unstable();
-    // The int8 input: rows too long to stage, no prologue but a lone norm,
-    // weights with an integer dot product (matmul_vec's XQ).
+    // The int8 input: rows too long to stage, no prologue but a lone norm
+    // or a split attention's merge (both done by quantize_rows), weights
+    // with an integer dot product (matmul_vec's XQ).
     let int8 = b.int8_input_over_k.is_some_and(|over| k > over)
-        && k.is_multiple_of(32)
-        && xs == 0
-        && m.merge.is_none()
+        && int8_input_ok(g, &m.mats, k)
         && !chunked
         && !outs.is_empty()
-        && ws.iter().all(|&w| int8_piece(g.weights[w].dtype).is_some())
-        && (!m.scaled
+        && m.merge.is_none_or(|mg| {
+            let (h, _) = heads(&g.values[g.nodes[mg.attn].inputs[0]].shape);
+            h > 0 && (k / h) % 4 == 0
+        })
+        && (m.prologue.is_empty()
             || matches!(
-                m.prologue.first().map(|&(p, _)| &g.nodes[p].op),
-                Some(BoundOp::RmsNorm {
-                    weight: Some(_),
-                    ..
-                })
+                m.prologue.as_slice(),
+                [(p, _)] if m.scaled && matches!(
+                    g.nodes[*p].op,
+                    BoundOp::RmsNorm {
+                        weight: Some(_),
+                        ..
+                    }
+                )
             ));
+    let xs = if int8 || ((m.prologue.is_empty() || m.scaled) && m.merge.is_none()) {
+        0
+    } else {
+        *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
+            Error::Gpu(format!(
+                "a fused prologue needs a row of {k} elements, more than {MAX_PROLOGUE_K}; run with --no-fuse prologue"
+            ))
+        })?
+    };
+    let dts: Vec<String> = ws.iter().map(|&w| g.weights[w].dtype.to_string()).collect();
+    let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
+    let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
+    let xs_s = xs.to_string();
     if int8 {
         plan_quantize(
             b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf,
@@ -274,7 +279,9 @@ pub(crate) fn plan_matvec(
             );
         }
         let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
-        if let Some(mg) = &m.merge {
+        if int8 {
+            // quantize_rows did the norm or merge.
+        } else if let Some(mg) = &m.merge {
             pro += &merge_prologue(g, mg, k)?;
         } else if xs > 0 {
             pro += "    let xo = m * p.k;\n";
@@ -440,8 +447,19 @@ fn int8_piece(dt: crate::model::dtype::DType) -> Option<usize> {
     INT8_DOT_DTYPES.iter().find(|(d, _)| *d == dt).map(|p| p.1)
 }
 
+/// Whether matmul nodes `mats` (rows of `k`) can read an int8 input: every
+/// weight of a dtype with an int8 path, whole 32-element blocks.
+pub(crate) fn int8_input_ok(g: &BoundGraph, mats: &[usize], k: usize) -> bool {
+    k.is_multiple_of(32)
+        && mats.iter().all(|&i| match g.nodes[i].op {
+            BoundOp::MatMul { w } => int8_piece(g.weights[w].dtype).is_some(),
+            _ => false,
+        })
+}
+
 /// The quantize_rows launch before an int8-input matmul: the input row
-/// `start` (times a scaled group's lone RMSNorm) quantized into the space
+/// `start` (times a scaled group's lone RMSNorm, or merged from a split
+/// attention's partials) quantized into the space
 /// after the group's first output `out`, where the matmul reads it (the
 /// output is not written before the matmul runs, and no buffer alive at
 /// the group overlaps it).
@@ -458,6 +476,15 @@ fn plan_quantize(
     weights: &mut [WeightPlan],
     value_buf: &[usize],
 ) -> Result<()> {
+    // A split attention's partials follow its output row: [H, S, Dv + 2]
+    // per token (see merge_prologue).
+    let (splits, dv) = match m.merge {
+        Some(mg) => {
+            let (h, _) = heads(&g.values[g.nodes[mg.attn].inputs[0]].shape);
+            (mg.splits, k / h.max(1))
+        }
+        None => (0, 0),
+    };
     let (norm, eps) = match m.prologue.first().map(|&(p, _)| &g.nodes[p].op) {
         Some(BoundOp::RmsNorm {
             weight: Some(w),
@@ -477,7 +504,10 @@ fn plan_quantize(
     b.launch_fused(
         nodes.to_vec(),
         "quantize_rows",
-        &[("NORM", if norm.is_some() { "1" } else { "0" })],
+        &[
+            ("NORM", if norm.is_some() { "1" } else { "0" }),
+            ("MERGE", if splits > 0 { "1" } else { "0" }),
+        ],
         Hooks::new(),
         "",
         vec![
@@ -490,6 +520,8 @@ fn plan_quantize(
             uc(k),
             u(numel(&g.values[out].shape)),
             Word::F(eps as f32),
+            uc(splits),
+            uc(dv),
         ],
         |kn| Groups::Linear {
             n: Lin::c((k / 4) as u64),
