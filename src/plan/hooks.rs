@@ -160,7 +160,7 @@ pub(crate) fn plan_matvec(
         && !outs.is_empty()
         && m.merge.is_none_or(|mg| {
             let (h, _) = heads(&g.values[g.nodes[mg.attn].inputs[0]].shape);
-            h > 0 && (k / h) % 4 == 0
+            h > 0 && (k / h).is_multiple_of(4)
         })
         && (m.prologue.is_empty()
             || matches!(
