@@ -291,11 +291,18 @@ impl<'a> GpuBackend<'a> {
             staging: None,
             times: StepTimes::default(),
             profiling: None,
+            // A CPU adapter (lavapipe) runs the work on the cores that
+            // record it: nothing to overlap, and each submit costs (~10%
+            // of SmolLM2's fixture checks), so one buffer per step there.
             submit_every: std::env::var("KILN_SUBMIT_EVERY")
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .filter(|&n: &usize| n > 0)
-                .unwrap_or(SUBMIT_EVERY),
+                .unwrap_or(if ctx.adapter_info.device_type == wgpu::DeviceType::Cpu {
+                    usize::MAX
+                } else {
+                    SUBMIT_EVERY
+                }),
             keep_values: false,
             argmax,
             argmax_out: zeros(1, "argmax"),
@@ -658,7 +665,8 @@ fn resolve<'b>(
 /// a dispatch's CPU work (~2 µs on the H200 machine) when the command
 /// buffer is finished and submitted, and the GPU starts only then: one
 /// buffer for a 300-dispatch step kept the GPU idle for ~0.7 ms per token.
-/// `KILN_SUBMIT_EVERY=N` overrides it (experiments).
+/// Not on CPU adapters (one buffer per step there). `KILN_SUBMIT_EVERY=N`
+/// overrides it (experiments).
 pub const SUBMIT_EVERY: usize = 32;
 
 impl GpuBackend<'_> {
