@@ -29,12 +29,24 @@ fn load_u8(off: u32) -> u32 {
     return (load_word(off >> 2u) >> ((off & 3u) * 8u)) & 0xffu;
 }
 
+// The 32 bits at bit `sh` (0, 8, 16 or 24) of the 64-bit lo | hi << 32.
+fn funnel(lo: u32, hi: u32, sh: u32) -> u32 {
+    // `(hi << (31 - sh)) << 1` is `hi << (32 - sh)`, and 0 when sh == 0.
+    return (lo >> sh) | ((hi << (31u - sh)) << 1u);
+}
+
 // Four little-endian bytes at any byte offset.
 fn load_u32(off: u32) -> u32 {
-    let sh = (off & 3u) * 8u;
     let i = off >> 2u;
-    // `(hi << (31 - sh)) << 1` is `hi << (32 - sh)`, and 0 when sh == 0.
-    return (load_word(i) >> sh) | ((load_word(i + 1u) << (31u - sh)) << 1u);
+    return funnel(load_word(i), load_word(i + 1u), (off & 3u) * 8u);
+}
+
+// Eight little-endian bytes at any byte offset: three word loads.
+fn load_u64(off: u32) -> vec2<u32> {
+    let i = off >> 2u;
+    let sh = (off & 3u) * 8u;
+    let w1 = load_word(i + 1u);
+    return vec2<u32>(funnel(load_word(i), w1, sh), funnel(w1, load_word(i + 2u), sh));
 }
 
 // Two f16 (low half first) widened to f32, exactly as the CPU does: normals

@@ -124,17 +124,6 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
 // all rows), dotq(row, pi, xp) is the row's share. The packed fields become
 // int8 bytes (nibbles 0..15, 6-bit values 0..63, Q8_0's signed bytes) for
 // dot4I8Packed; offsets (−8, −32, −min) go through xp.s = d · Σ q.
-// The 8 bytes at byte offset o (even): three words, shifted into two.
-fn load_u64(o: u32) -> vec2<u32> {
-    let i = o >> 2u;
-    let sh = (o & 3u) * 8u;
-    let w0 = load_word(i);
-    let w1 = load_word(i + 1u);
-    let w2 = load_word(i + 2u);
-    // `(hi << (31 - sh)) << 1` is `hi << (32 - sh)`, and 0 when sh == 0.
-    return vec2<u32>((w0 >> sh) | ((w1 << (31u - sh)) << 1u), (w1 >> sh) | ((w2 << (31u - sh)) << 1u));
-}
-
 // Σ over two nibble words w0, w1 (four nibbles a byte): low nibbles with
 // q.x, q.y, high nibbles with q.z, q.w.
 fn dot_nibbles(w0: u32, w1: u32, q: vec4<u32>) -> i32 {

@@ -175,6 +175,18 @@ pub struct FuseOptions {
 }
 
 impl FuseOptions {
+    /// Rows up to this many elements are staged in a prologue
+    /// (`stage_up_to_k`, default [`PROLOGUE_PAYS_UP_TO_K`]).
+    pub fn stage_limit(&self) -> usize {
+        self.stage_up_to_k.unwrap_or(PROLOGUE_PAYS_UP_TO_K)
+    }
+
+    /// Matmuls with rows longer than this read an int8 input where their
+    /// weights allow ([`FuseOptions::f32_activations`]); None: never.
+    pub fn int8_over_k(&self) -> Option<usize> {
+        (!self.f32_activations).then(|| self.stage_limit())
+    }
+
     /// Whether `pass` runs.
     pub fn on(&self, pass: &str) -> bool {
         !self.disabled.iter().any(|d| d == pass)
@@ -355,11 +367,7 @@ pub fn fuse(g: &BoundGraph, opts: &FuseOptions, decode: bool) -> Vec<Group> {
         for gr in &mut groups {
             if let Group::Matvec(m) = gr {
                 if m.merge.is_none() {
-                    prologue(
-                        &mut cx,
-                        m,
-                        opts.stage_up_to_k.unwrap_or(PROLOGUE_PAYS_UP_TO_K),
-                    );
+                    prologue(&mut cx, m, opts.stage_limit());
                 }
             }
         }
@@ -587,7 +595,7 @@ fn split(cx: &mut Ctx, groups: &mut [Group], opts: &FuseOptions) {
         }
         let (attn, out) = (a.attn, n.output);
         let merger = if opts.on("prologue") {
-            merge_consumer(cx, groups, out, opts)
+            merge_consumer(cx, groups, out, heads, opts)
         } else {
             None
         };
@@ -613,13 +621,14 @@ fn split(cx: &mut Ctx, groups: &mut [Group], opts: &FuseOptions) {
 /// The matvec group (index) whose input row is attention output `out`
 /// (through at most one Reshape, returned too), if its prologue can merge
 /// the partials: nothing else reads them, no other prologue, and a row
-/// short enough to stage (`stage_up_to_k`, default
-/// [`PROLOGUE_PAYS_UP_TO_K`]) or a longer one the matmul reads as int8
-/// (the quantize_rows dispatch before it merges).
+/// short enough to stage ([`FuseOptions::stage_limit`]) or a longer one
+/// the matmul reads as int8 (the quantize_rows dispatch before it merges,
+/// four elements of one of the `heads` heads at a time).
 fn merge_consumer(
     cx: &Ctx,
     groups: &[Group],
     out: ValueId,
+    heads: usize,
     opts: &FuseOptions,
 ) -> Option<(usize, Option<usize>)> {
     let g = cx.g;
@@ -644,9 +653,12 @@ fn merge_consumer(
     let Group::Matvec(m) = &groups[j] else {
         return None;
     };
-    let stage = opts.stage_up_to_k.unwrap_or(PROLOGUE_PAYS_UP_TO_K);
-    let int8 = k > stage && !opts.f32_activations && super::hooks::int8_input_ok(g, &m.mats, k);
-    (k <= stage || int8).then_some((j, reshape))
+    // quantize_rows merges four elements of one head at a time.
+    let int8 = opts.int8_over_k().is_some_and(|over| k > over)
+        && heads > 0
+        && (k / heads).is_multiple_of(4)
+        && super::hooks::int8_input_ok(g, &m.mats, k);
+    (k <= opts.stage_limit() || int8).then_some((j, reshape))
 }
 
 /// (source row, per-head norm node, rope node, absorbed nodes).

@@ -472,8 +472,7 @@ pub fn plan_with(
         .collect();
     let mut b = Builder {
         caps,
-        int8_input_over_k: (!opts.f32_activations)
-            .then(|| opts.stage_up_to_k.unwrap_or(fuse::PROLOGUE_PAYS_UP_TO_K)),
+        int8_input_over_k: opts.int8_over_k(),
         extra: Vec::new(),
         templates,
         kernels: Vec::new(),
