@@ -198,6 +198,59 @@ fn rope_sh(which: u32, lid: u32, pos: f32) {
 }
 #endif
 
+#if SUBGROUPS
+// Elements c..c+4 of the key row at kb, or of the fresh key (PREP: the
+// current position's, not yet in the cache for every workgroup); zero past
+// the head's D.
+fn key4(kb: u32, c: u32, fresh: bool) -> vec4<f32> {
+    let i = min(vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u), vec4<u32>(p.d - 1u));
+    var v = vec4<f32>(k_cache[kb + i.x], k_cache[kb + i.y], k_cache[kb + i.z], k_cache[kb + i.w]);
+#if PREP
+    v = select(v, vec4<f32>(k_sh[i.x], k_sh[i.y], k_sh[i.z], k_sh[i.w]), fresh);
+#endif
+    return select(vec4<f32>(0.0), v, vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u) < vec4<u32>(p.d));
+}
+
+// The scores q · k of keys j0 + t (t < nk) into pw[t]. The lanes of a
+// subgroup split a key's dimensions in runs of four (a subgroup reads the
+// row contiguously) and subgroupAdd sums them; subgroups take keys t,
+// t + n_sg, ..., four at a time, so that sixteen loads per lane are in
+// flight rather than one key row's walk per invocation. Call in uniform
+// control flow.
+fn score_block(j0: u32, nk: u32, pos: u32, k_off: u32, k_stride: u32, lane: u32, sg: u32, n_sg: u32, sg_size: u32) {
+    // The previous block's readers of pw are done.
+    workgroupBarrier();
+    for (var t = sg; t < nk; t += 4u * n_sg) {
+        var kb: array<u32, 4>;
+        var fresh: array<bool, 4>;
+        for (var u = 0u; u < 4u; u++) {
+            let j = j0 + min(t + u * n_sg, nk - 1u);
+            kb[u] = j * k_stride + k_off;
+            fresh[u] = j == pos;
+        }
+        var acc = vec4<f32>(0.0);
+        for (var c = 4u * lane; c < p.d; c += 4u * sg_size) {
+            let cs = vec4<u32>(c) + vec4<u32>(0u, 1u, 2u, 3u);
+            let qv = select(vec4<f32>(0.0), vec4<f32>(q_sh[cs.x], q_sh[cs.y], q_sh[cs.z], q_sh[cs.w]), cs < vec4<u32>(p.d));
+            acc += vec4<f32>(
+                dot(qv, key4(kb[0], c, fresh[0])),
+                dot(qv, key4(kb[1], c, fresh[1])),
+                dot(qv, key4(kb[2], c, fresh[2])),
+                dot(qv, key4(kb[3], c, fresh[3])),
+            );
+        }
+        let tot = subgroupAdd(acc);
+        if lane == 0u {
+            for (var u = 0u; u < 4u; u++) {
+                if t + u * n_sg < nk {
+                    pw[t + u * n_sg] = tot[u];
+                }
+            }
+        }
+    }
+    workgroupBarrier();
+}
+#else
 // q · k for the key row at kb: four independent partial sums so that the
 // loads of a row are in flight together.
 fn dot_key(kb: u32) -> f32 {
@@ -217,6 +270,7 @@ fn dot_key(kb: u32) -> f32 {
     }
     return (s0 + s1) + (s2 + s3);
 }
+#endif
 
 // Value dimension dd of key j (row element at vb of the cache); with PREP
 // the current position's value comes from the fresh row, never the cache.
@@ -237,6 +291,7 @@ fn main(
     @builtin(subgroup_invocation_id) sg_lane: u32,
     @builtin(subgroup_id) sg_id: u32,
     @builtin(num_subgroups) n_sg: u32,
+    @builtin(subgroup_size) sg_size: u32,
 #endif
 ) {
     let item = wg.x + wg.y * nwg.x;
@@ -325,10 +380,23 @@ fn main(
     var m = NEG;
     var l = 0.0;
     var acc: array<f32, NACC>;
+    // Key phases: where the workgroup is at least twice as wide as Dv,
+    // invocation lid takes dimension d0 of the keys t ≡ kp (mod ph) of each
+    // block (more loads in flight), and the phases add up at the end;
+    // otherwise dimensions d0 + c * WG of every key.
+    let ph = max(1u, {{WG}}u / p.dv);
+    let kp = select(0u, lid / p.dv, ph > 1u);
+    let d0 = select(lid, lid % p.dv, ph > 1u);
     for (var j0 = lo; j0 < end; j0 += {{WG}}u) {
         let j = j0 + lid;
         var s = NEG;
+#if SUBGROUPS
+        score_block(j0, min({{WG}}u, end - j0), pos, k_off, k_stride, sg_lane, sg_id, n_sg, sg_size);
+#endif
         if j < end {
+#if SUBGROUPS
+            let qk = pw[lid];
+#else
             let kb = j * k_stride + k_off;
             var qk = 0.0;
 #if PREP
@@ -341,6 +409,7 @@ fn main(
             }
 #else
             qk = dot_key(kb);
+#endif
 #endif
             s = qk * p.scale;
             if p.softcap > 0.0 {
@@ -362,31 +431,27 @@ fn main(
         workgroupBarrier();
         let nk = min({{WG}}u, end - j0);
         for (var c = 0u; c < NACC; c++) {
-            let dd = lid + c * {{WG}}u;
-            if dd < p.dv {
+            let dd = d0 + c * {{WG}}u;
+            if dd < p.dv && kp < ph {
                 var a = acc[c] * corr;
-                var vb = j0 * v_stride + v_off + dd;
-                // Eight keys per iteration with independent loads: each
-                // key's row is a new cache line, and a loop that waits for
-                // one load at a time is bound by memory latency.
-                var t = 0u;
-                for (; t + 8u <= nk; t += 8u) {
-                    let s = v_stride;
-                    let v0 = vrow(j0 + t, vb, dd, pos);
-                    let v1 = vrow(j0 + t + 1u, vb + s, dd, pos);
-                    let v2 = vrow(j0 + t + 2u, vb + 2u * s, dd, pos);
-                    let v3 = vrow(j0 + t + 3u, vb + 3u * s, dd, pos);
-                    let v4 = vrow(j0 + t + 4u, vb + 4u * s, dd, pos);
-                    let v5 = vrow(j0 + t + 5u, vb + 5u * s, dd, pos);
-                    let v6 = vrow(j0 + t + 6u, vb + 6u * s, dd, pos);
-                    let v7 = vrow(j0 + t + 7u, vb + 7u * s, dd, pos);
-                    a += (pw[t] * v0 + pw[t + 1u] * v1) + (pw[t + 2u] * v2 + pw[t + 3u] * v3)
-                        + ((pw[t + 4u] * v4 + pw[t + 5u] * v5) + (pw[t + 6u] * v6 + pw[t + 7u] * v7));
-                    vb += 8u * s;
-                }
-                for (; t < nk; t++) {
-                    a += pw[t] * vrow(j0 + t, vb, dd, pos);
-                    vb += v_stride;
+                // Sixteen keys (t, t + ph, ...) per iteration, their loads
+                // independent: each key's row is a new cache line, and a
+                // loop that waits for one load at a time is bound by memory
+                // latency. Keys past the block repeat its last with weight 0.
+                for (var t = kp; t < nk; t += 16u * ph) {
+                    var v: array<f32, 16>;
+                    var w: array<f32, 16>;
+                    for (var u = 0u; u < 16u; u++) {
+                        let tu = min(t + u * ph, nk - 1u);
+                        v[u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
+                        w[u] = select(0.0, pw[tu], t + u * ph < nk);
+                    }
+                    var a4 = vec4<f32>(0.0);
+                    for (var u = 0u; u < 16u; u += 4u) {
+                        a4 += vec4<f32>(w[u], w[u + 1u], w[u + 2u], w[u + 3u])
+                            * vec4<f32>(v[u], v[u + 1u], v[u + 2u], v[u + 3u]);
+                    }
+                    a += (a4.x + a4.y) + (a4.z + a4.w);
                 }
                 acc[c] = a;
             }
@@ -398,6 +463,18 @@ fn main(
 #else
     let total = reduce_sum(l, lid);
 #endif
+    if ph > 1u {
+        // (reduce_sum's barriers end the last block's reads of pw.)
+        if kp < ph {
+            pw[lid] = acc[0];
+        }
+        workgroupBarrier();
+        if kp == 0u {
+            for (var q = 1u; q < ph; q++) {
+                acc[0] += pw[q * p.dv + d0];
+            }
+        }
+    }
 #if SPLIT > 1
     // The partial row after the [T, H, Dv] output.
     let pb = p.t * p.h * p.dv + item * (p.dv + 2u);
@@ -406,16 +483,16 @@ fn main(
         out[pb + 1u] = total;
     }
     for (var c = 0u; c < NACC; c++) {
-        let dd = lid + c * {{WG}}u;
-        if dd < p.dv {
+        let dd = d0 + c * {{WG}}u;
+        if dd < p.dv && kp == 0u {
             out[pb + 2u + dd] = acc[c];
         }
     }
 #else
     let inv = 1.0 / total;
     for (var c = 0u; c < NACC; c++) {
-        let dd = lid + c * {{WG}}u;
-        if dd < p.dv {
+        let dd = d0 + c * {{WG}}u;
+        if dd < p.dv && kp == 0u {
             out[item * p.dv + dd] = acc[c] * inv;
         }
     }

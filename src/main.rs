@@ -585,6 +585,7 @@ fn bench(
     let model = M { gguf, bound };
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
+    let chain = [1u32, 1024].map(|g| kiln::exec::bench::dispatch_cost(&ctx, g, 3));
     let n_ctx = prefill.max(8 + decode) + 2;
     let mut b = match stream {
         Some(p) => {
@@ -667,6 +668,16 @@ fn bench(
         d.dispatches(),
         p.dispatches()
     );
+    // The other roof: what a step's chain of dependent dispatches costs
+    // even when the kernels do nothing.
+    if let [Ok(one), Ok(wide)] = chain {
+        println!(
+            "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch; decode step chain {:.3} ms",
+            one * 1e6,
+            wide * 1e6,
+            (d.dispatches() + 1) as f64 * wide * 1e3
+        );
+    }
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / times.steps.max(1) as f64;
     println!(
         "decode step host   encode (+ early chunks submitted) {:.0} µs + submit last {:.0} µs + wait for GPU and read back {:.0} µs",

@@ -240,6 +240,9 @@ fn attention_all_variants() {
         attn((1, 2, 1, 64, 64, 0, 0), 0.0),
         attn((1, 4, 2, 64, 64, 3, 0), 5.0),
         attn((1, 2, 2, 128, 128, 300, 45), 5.0),
+        // D not a multiple of 4 (the subgroup scoring's runs of four).
+        attn((1, 2, 1, 70, 62, 45, 0), 0.0),
+        attn((3, 2, 2, 70, 70, 5, 0), 0.0),
     ];
     let merge_t = codegen::template("attention_merge").unwrap();
     // Split counts for the SPLIT=1 variants' split twins, in turn.

@@ -1,5 +1,5 @@
-//! Measurements: the streaming-read roof of the adapter, and timing helpers
-//! for `kiln bench`.
+//! Measurements: the streaming-read roof of the adapter, the cost of a
+//! dependent dispatch, and timing helpers for `kiln bench`.
 
 use std::time::Instant;
 
@@ -18,6 +18,22 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         acc += x[i];
     }
     y[gid.x] = acc.x + acc.y + acc.z + acc.w;
+}
+"#;
+
+// One step of a dependent chain: each dispatch reads what the previous one
+// wrote, so the GPU runs them one after another with a barrier between, as
+// a decode step's kernels do; each workgroup writes one word.
+const CHAIN_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read_write> y: array<f32>;
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
+    if lid == 0u {
+        y[wg.x + 1u] = y[0] + 1.0;
+    }
+    if wg.x == 0u && lid == 0u {
+        y[0] = y[1];
+    }
 }
 "#;
 
@@ -61,4 +77,43 @@ pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
         }
     }
     Ok((bytes, bytes as f64 / best))
+}
+
+/// GPU time per dispatch of a chain of dependent dispatches in one compute
+/// pass (what wgpu and the driver add between two kernels: barrier, launch,
+/// drain), for a grid of `groups` workgroups of 256 invocations that do
+/// almost nothing. Best of `reps` runs of 512 dispatches, less a run of 16.
+/// Returns seconds per dispatch.
+pub fn dispatch_cost(ctx: &GpuContext, groups: u32, reps: usize) -> Result<f64> {
+    crate::codegen::validate(CHAIN_WGSL, &kernel::caps(ctx)).map_err(Error::Gpu)?;
+    let k = Kernel::from_wgsl(ctx, "dispatch_chain", CHAIN_WGSL.to_string());
+    let y = kernel::storage(
+        ctx,
+        "chain",
+        bytemuck::cast_slice(&vec![0f32; groups as usize + 1]),
+    );
+    let bind = k.bind(ctx, &[&y]);
+    let run = |n: usize| -> Result<f64> {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for _ in 0..n {
+                pass.set_pipeline(&k.pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(groups, 1, 1);
+            }
+        }
+        let buf = enc.finish();
+        let t = Instant::now();
+        ctx.queue.submit([buf]);
+        finish(ctx)?;
+        Ok(t.elapsed().as_secs_f64())
+    };
+    let (long, short) = (512usize, 16usize);
+    run(long)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps.max(1) {
+        best = best.min((run(long)? - run(short)?) / (long - short) as f64);
+    }
+    Ok(best.max(0.0))
 }
