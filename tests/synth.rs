@@ -238,3 +238,34 @@ fn qwen2_gpu_matches_cpu() {
         }
     }
 }
+
+/// graphs/qwen2.ron's q, k and v biases fold into the fused QKV matmul's
+/// epilogue, one per sibling, reading the bias weights directly: a decode
+/// step has no elementwise dispatch and no copy, and keeps llama's count.
+#[test]
+fn qwen2_biases_fold_into_the_qkv_matmul() {
+    use kiln::plan::{plan, Bucket, Launch};
+    let g = gguf(&tiny(), 5);
+    let b = bind(&g, "qwen2.ron");
+    let layers = b.param("n_layer").unwrap() as usize;
+    let caps = kiln::codegen::Caps::feature_sets(1024, 48 << 10)[3];
+    let p = plan(&b, Bucket::One, caps, 2 << 30).unwrap();
+    assert!(
+        p.dispatches() <= 5 * layers + 3,
+        "{} dispatches for {layers} layers",
+        p.dispatches()
+    );
+    assert!(
+        !p.launches.iter().any(|l| matches!(l, Launch::Copy { .. })),
+        "a decode step copies a weight"
+    );
+    let names: Vec<String> = p.kernels.iter().map(|k| k.name()).collect();
+    assert!(
+        names.iter().all(|n| !n.starts_with("binary")),
+        "unfused elementwise kernels: {names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n.contains("matmul3+add+add+add")),
+        "no QKV matmul with its three bias adds: {names:?}"
+    );
+}

@@ -66,6 +66,14 @@ pub struct Matvec {
     /// Elementwise nodes applied to the (single) output, in order, each with
     /// the operand index that carries the running value.
     pub epilogue: Vec<(usize, usize)>,
+    /// Sibling groups (2-3 weights, no pair): elementwise nodes on each
+    /// weight's own output (a bias on each of Q, K and V), as `epilogue`.
+    #[serde(default)]
+    pub seg_epilogue: Vec<Vec<(usize, usize)>>,
+    /// Weight nodes whose only reader is an epilogue node here: the kernel
+    /// reads the weight's f32 copy itself (no copy into a value first).
+    #[serde(default)]
+    pub consts: Vec<usize>,
     /// The input row is the merge of a split decode attention's partials
     /// (instead of a prologue chain).
     #[serde(default)]
@@ -130,6 +138,8 @@ impl Group {
                 }
                 v.extend(m.prologue.iter().map(|p| p.0));
                 v.extend(m.epilogue.iter().map(|p| p.0));
+                v.extend(m.seg_epilogue.iter().flatten().map(|p| p.0));
+                v.extend(&m.consts);
                 v.extend(m.merge.and_then(|mg| mg.reshape));
                 v
             }
@@ -451,32 +461,83 @@ fn group_output(g: &BoundGraph, m: &Matvec) -> Option<ValueId> {
     (m.mats.len() == 1).then(|| g.nodes[m.mats[0]].output)
 }
 
+/// The values a matvec group writes for its consumers: the single output
+/// (after pair and epilogue), or each sibling's own (after its epilogue).
+pub fn group_outputs(g: &BoundGraph, m: &Matvec) -> Vec<ValueId> {
+    match group_output(g, m) {
+        Some(o) => vec![o],
+        None => m
+            .mats
+            .iter()
+            .enumerate()
+            .map(
+                |(j, &x)| match m.seg_epilogue.get(j).and_then(|e| e.last()) {
+                    Some(&(e, _)) => g.nodes[e].output,
+                    None => g.nodes[x].output,
+                },
+            )
+            .collect(),
+    }
+}
+
 fn epilogue(cx: &mut Ctx, m: &mut Matvec) {
-    let g = cx.g;
     let anchor = m.mats[0];
-    while let Some(out) = group_output(g, m) {
+    if let Some(out) = group_output(cx.g, m) {
+        let chain = elementwise_chain(cx, out, anchor, &mut m.consts);
+        m.epilogue.extend(chain);
+    } else if m.pair.is_none() {
+        m.seg_epilogue = m
+            .mats
+            .clone()
+            .into_iter()
+            .map(|x| elementwise_chain(cx, cx.g.nodes[x].output, anchor, &mut m.consts))
+            .collect();
+    }
+}
+
+/// The elementwise nodes that can follow `out` in the epilogue of the group
+/// anchored at `anchor`, taken; Weight nodes only they read go to `consts`.
+fn elementwise_chain(
+    cx: &mut Ctx,
+    mut out: ValueId,
+    anchor: usize,
+    consts: &mut Vec<usize>,
+) -> Vec<(usize, usize)> {
+    let g = cx.g;
+    let mut chain = Vec::new();
+    loop {
         let Some(c) = cx.only_consumer(out) else {
-            return;
+            return chain;
         };
         let n = &g.nodes[c];
         if cx.taken[c] || !elementwise(&n.op) {
-            return;
+            return chain;
         }
         let carry = n.inputs.iter().position(|&v| v == out).unwrap_or(0);
         if n.inputs.iter().filter(|&&v| v == out).count() != 1 {
-            return;
+            return chain;
         }
-        // The other operand: computed before the group, the output's shape
-        // or a broadcast row.
+        // The other operand: the output's shape or a broadcast row, computed
+        // before the group or a weight that only this node reads.
         if let Some(&o) = n.inputs.iter().find(|&&v| v != out) {
             let ok_shape = g.values[o].shape == g.values[out].shape
                 || (!has_tokens(g, o) && per_token(g, o) == last_dim(g, out));
-            if !ok_shape || cx.producer[o].is_some_and(|p| p > anchor) {
-                return;
+            let weight = cx.producer[o].filter(|&p| {
+                matches!(g.nodes[p].op, BoundOp::Weight { .. })
+                    && !cx.taken[p]
+                    && cx.only_consumer(o) == Some(c)
+            });
+            if !ok_shape || (weight.is_none() && cx.producer[o].is_some_and(|p| p > anchor)) {
+                return chain;
+            }
+            if let Some(w) = weight {
+                consts.push(w);
+                cx.taken[w] = true;
             }
         }
-        m.epilogue.push((c, carry));
+        chain.push((c, carry));
         cx.taken[c] = true;
+        out = n.output;
     }
 }
 
@@ -827,10 +888,7 @@ pub fn io(g: &BoundGraph, gr: &Group) -> (Vec<ValueId>, Vec<ValueId>) {
                     w.push(o);
                 }
             }
-            match group_output(g, m) {
-                Some(o) => w.push(o),
-                None => w.extend(m.mats.iter().map(|&x| g.nodes[x].output)),
-            }
+            w.extend(group_outputs(g, m));
             w
         }
     };

@@ -109,6 +109,22 @@ pub(crate) fn plan_matvec(
     value_buf: &[usize],
 ) -> Result<()> {
     let vb = |v: usize| Buf::Value(value_buf[v]);
+    // Epilogue operands: values, or the f32 copies of absorbed weights.
+    let consts: Vec<(ValueId, usize)> = m
+        .consts
+        .iter()
+        .filter_map(|&c| match g.nodes[c].op {
+            BoundOp::Weight { w } => Some((g.nodes[c].output, w)),
+            _ => None,
+        })
+        .collect();
+    for &(_, w) in &consts {
+        weights[w].f32_copy = true;
+    }
+    let vbe = |v: usize| match consts.iter().find(|c| c.0 == v) {
+        Some(&(_, w)) => Buf::F32(w),
+        None => vb(v),
+    };
     let ws: Vec<usize> = m
         .mats
         .iter()
@@ -349,7 +365,7 @@ pub(crate) fn plan_matvec(
                 carry,
                 "v",
                 &mut bd,
-                &vb,
+                &vbe,
                 "m * p.ldy + p.n_offset + n",
                 "p.n_offset + n",
             )?;
@@ -360,13 +376,28 @@ pub(crate) fn plan_matvec(
             bd.add(&name, true, vb(outs[0]));
             let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
         } else {
+            // Each sibling's output, after its own epilogue.
             for (j, &o) in outs.iter().enumerate() {
                 let name = format!("y{}", bd.bufs.len());
                 bd.add(&name, true, vb(o));
                 let ld = ["p.na", "p.nb", "p.nc"][j];
+                let mut body = String::new();
+                for &(e, carry) in m.seg_epilogue.get(j).into_iter().flatten() {
+                    let ex = elementwise(
+                        g,
+                        e,
+                        carry,
+                        "v",
+                        &mut bd,
+                        &vbe,
+                        &format!("m * {ld} + n"),
+                        "p.n_offset + n",
+                    )?;
+                    let _ = writeln!(body, "        v = {ex};");
+                }
                 let _ = writeln!(
                     st,
-                    "    if seg == {j}u {{\n        {name}[m * {ld} + n] = v;\n    }}"
+                    "    if seg == {j}u {{\n{body}        {name}[m * {ld} + n] = v;\n    }}"
                 );
             }
         }
@@ -597,6 +628,7 @@ fn describe(g: &BoundGraph, m: &Matvec) -> String {
     parts.extend(
         m.epilogue
             .iter()
+            .chain(m.seg_epilogue.iter().flatten())
             .map(|&(e, _)| op_name(&g.nodes[e].op).to_lowercase()),
     );
     parts.join("+")
