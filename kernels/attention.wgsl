@@ -7,9 +7,13 @@
 //! already in the caches. One workgroup per (token, head) and split (linear
 //! workgroup index wg.x + wg.y * num_workgroups.x, beyond T * H * SPLIT
 //! return).
-//! The keys go in blocks of WG: each invocation scores one key of the block,
-//! a workgroup max gives the running maximum (online softmax), then each
-//! invocation accumulates its own output dimensions over the block's keys.
+//! The keys go in blocks of WG: the block's keys are scored (with
+//! SUBGROUPS=1 by subgroups, lanes splitting each key's dimensions and
+//! four keys per subgroup at a time; else one key per invocation), a
+//! workgroup max gives the running maximum (online softmax), then each
+//! invocation accumulates its output dimensions over the block's keys,
+//! sixteen at a time (where WG >= 2 Dv, over every (WG / Dv)-th key, the
+//! phases summed at the end).
 //! D and Dv are at most 256.
 //! Bindings: 0 q [T, H, D], 1 k_cache [n_ctx, Hkv, D], 2 v_cache [n_ctx, Hkv, Dv],
 //! 3 out [T, H, Dv], 4 Params{T, H, Hkv, D, Dv, pos0, window, scale: f32, softcap: f32}.

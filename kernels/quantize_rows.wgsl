@@ -8,9 +8,11 @@
 //! NORM=1 folds an RMSNorm in: the block quantizes x · w, and its scale
 //! carries the row's 1 / sqrt(mean(x²) + eps).
 //! MERGE=1 makes the row from a split attention's partials instead: after
-//! the M rows of K (= heads × p.dv) elements, each token's [heads, p.s,
+//! the M rows of K (= heads × p.dv) elements, each token's [heads, SPLIT,
 //! p.dv + 2] partial rows (max score, Σ exp, Σ exp · v) merge into the head's
-//! output (as attention_merge.wgsl does; p.dv % 4 == 0).
+//! output (as attention_merge.wgsl does; p.dv % 4 == 0). SPLIT is a knob
+//! so that the loops over the splits unroll and their loads are in flight
+//! together (with a runtime count each split's loads waited for the last).
 //! Dispatch: spread(ceil(K / 4 / WG)) over x and y (linear workgroup
 //! index g = wg.x + wg.y * num_workgroups.x), z = M; one invocation per
 //! word of q, eight to a block (WG % 8 == 0, so blocks never straddle
@@ -20,14 +22,15 @@
 //! knob WG: 256
 //! knob NORM: 0 1
 //! knob MERGE: 0 1
-//! require: NORM == 0 || MERGE == 0
+//! knob SPLIT: 1 2 4 8 16 32
+//! require: (NORM == 0 || MERGE == 0) && ((MERGE == 0 && SPLIT == 1) || (MERGE == 1 && SPLIT > 1))
 //! wg_storage: WG * 4 * 2
 struct Params {
     m: u32,
     k: u32,
     qo: u32,
     eps: f32,
-    // MERGE: splits and head width.
+    // MERGE: splits (= SPLIT) and head width.
     s: u32,
     dv: u32,
 }
@@ -44,6 +47,7 @@ struct Params {
 @group(0) @binding(3) var<uniform> p: Params;
 
 const WG: u32 = {{WG}}u;
+const SPLIT: u32 = {{SPLIT}}u;
 
 var<workgroup> red: array<f32, WG>;
 var<workgroup> wmax: array<f32, WG>;
@@ -63,15 +67,15 @@ fn main(
 #if MERGE
     // Elements 4 wi.. lie in one head; its partial rows for this token.
     let prow = p.dv + 2u;
-    let hb = p.m * p.k + m * (p.k / p.dv) * p.s * prow + ((4u * wi) / p.dv) * p.s * prow;
+    let hb = p.m * p.k + m * (p.k / p.dv) * SPLIT * prow + ((4u * wi) / p.dv) * SPLIT * prow;
     let d = (4u * wi) % p.dv;
     var mx = -3.0e38;
-    for (var s = 0u; s < p.s; s++) {
+    for (var s = 0u; s < SPLIT; s++) {
         mx = max(mx, x[hb + s * prow]);
     }
     var num = vec4<f32>(0.0);
     var den = 0.0;
-    for (var s = 0u; s < p.s; s++) {
+    for (var s = 0u; s < SPLIT; s++) {
         let r = hb + s * prow;
         let w = exp(x[r] - mx);
         den += w * x[r + 1u];

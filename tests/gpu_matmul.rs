@@ -757,7 +757,7 @@ fn print_speed() {
 /// quantize_rows (the int8 input of matmul_vec's XQ) in every variant and
 /// feature set against tests/common's q8_quantize: rows of K = 4160 (130
 /// blocks: several workgroups, the last one partial, and the norm's sum
-/// through both of its loops; with MERGE, 65 heads of 64 merged from 3
+/// through both of its loops; with MERGE, 65 heads of 64 merged from SPLIT (2 to 32)
 /// split-attention partial rows each), written after a 5-word offset that
 /// must keep its poison. q may differ by
 /// one step where the GPU's 1 / max|x| rounds differently (at most 1 in
@@ -776,9 +776,9 @@ fn quantize_rows_all_variants() {
             let mut x = rng.vec(m * kk);
             let w = rng.vec(kk);
             let eps = 1e-5f32;
-            // MERGE: 65 heads of 64, 3 splits; partial rows (max score,
+            // MERGE: 65 heads of 64, SPLIT splits; partial rows (max score,
             // Σ exp, Σ exp · v) after the M rows; the merged row replaces x.
-            let (heads, dv, splits) = (65usize, 64usize, 3usize);
+            let (heads, dv, splits) = (65usize, 64usize, knob(&knobs, "SPLIT") as usize);
             let row = dv + 2;
             let want = if merge {
                 let mut merged = Vec::new();

@@ -532,12 +532,14 @@ fn plan_quantize(
         _ => (None, 0.0),
     };
     b.extra.push((value_buf[out], (k / 4 + k / 32) as u64));
+    let split = splits.max(1).to_string();
     b.launch_fused(
         nodes.to_vec(),
         "quantize_rows",
         &[
             ("NORM", if norm.is_some() { "1" } else { "0" }),
             ("MERGE", if splits > 0 { "1" } else { "0" }),
+            ("SPLIT", split.as_str()),
         ],
         Hooks::new(),
         "",
