@@ -435,3 +435,20 @@ fn masked_features_are_really_off_and_errors_do_not_panic() {
     }
     ctx.check_errors().expect("errors were taken");
 }
+
+/// `kiln bench`'s two roofs run on any adapter: the read roof comes out
+/// finite and positive, the cost of a dependent dispatch finite and not
+/// negative (their values are the GPU's, printed by bench, never asserted).
+#[test]
+fn bench_roofs_measure_on_any_adapter() {
+    let ctx = open(FeatureRequest::EVERY[3]);
+    let (bytes, roof) = kiln::exec::bench::read_roof(&ctx, 1).unwrap();
+    assert!(
+        bytes > 0 && roof.is_finite() && roof > 0.0,
+        "read roof {roof}"
+    );
+    for groups in [1, 4] {
+        let t = kiln::exec::bench::dispatch_cost(&ctx, groups, 1).unwrap();
+        assert!(t.is_finite() && t >= 0.0, "dispatch cost {t} s");
+    }
+}

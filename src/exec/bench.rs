@@ -82,8 +82,8 @@ pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
 /// GPU time per dispatch of a chain of dependent dispatches in one compute
 /// pass (what wgpu and the driver add between two kernels: barrier, launch,
 /// drain), for a grid of `groups` workgroups of 256 invocations that do
-/// almost nothing. Best of `reps` runs of 512 dispatches, less a run of 16.
-/// Returns seconds per dispatch.
+/// almost nothing: the best of `reps` runs of 512 dispatches less the best
+/// of `reps` runs of 16, per dispatch. Returns seconds (never negative).
 pub fn dispatch_cost(ctx: &GpuContext, groups: u32, reps: usize) -> Result<f64> {
     crate::codegen::validate(CHAIN_WGSL, &kernel::caps(ctx)).map_err(Error::Gpu)?;
     let k = Kernel::from_wgsl(ctx, "dispatch_chain", CHAIN_WGSL.to_string());
@@ -111,9 +111,12 @@ pub fn dispatch_cost(ctx: &GpuContext, groups: u32, reps: usize) -> Result<f64> 
     };
     let (long, short) = (512usize, 16usize);
     run(long)?;
-    let mut best = f64::INFINITY;
+    // Each chain length's best run: one slow short run must not make the
+    // difference small.
+    let (mut t_long, mut t_short) = (f64::INFINITY, f64::INFINITY);
     for _ in 0..reps.max(1) {
-        best = best.min((run(long)? - run(short)?) / (long - short) as f64);
+        t_long = t_long.min(run(long)?);
+        t_short = t_short.min(run(short)?);
     }
-    Ok(best.max(0.0))
+    Ok(((t_long - t_short) / (long - short) as f64).max(0.0))
 }
