@@ -30,8 +30,7 @@ struct Params {
     k: u32,
     qo: u32,
     eps: f32,
-    // MERGE: splits (= SPLIT) and head width.
-    s: u32,
+    // MERGE: the head width (the split count is the knob SPLIT).
     dv: u32,
 }
 

@@ -810,14 +810,7 @@ fn quantize_rows_all_variants() {
             let pb = kernel::uniform(
                 &ctx,
                 "p",
-                &[
-                    m as u32,
-                    kk as u32,
-                    qo as u32,
-                    eps.to_bits(),
-                    splits as u32,
-                    dv as u32,
-                ],
+                &[m as u32, kk as u32, qo as u32, eps.to_bits(), dv as u32],
             );
             let mut binds = vec![(0, &xb), (2, &qb), (3, &pb)];
             if norm {

@@ -463,7 +463,7 @@ fn group_output(g: &BoundGraph, m: &Matvec) -> Option<ValueId> {
 
 /// The values a matvec group writes for its consumers: the single output
 /// (after pair and epilogue), or each sibling's own (after its epilogue).
-pub fn group_outputs(g: &BoundGraph, m: &Matvec) -> Vec<ValueId> {
+fn group_outputs(g: &BoundGraph, m: &Matvec) -> Vec<ValueId> {
     match group_output(g, m) {
         Some(o) => vec![o],
         None => m

@@ -553,7 +553,6 @@ fn plan_quantize(
             uc(k),
             u(numel(&g.values[out].shape)),
             Word::F(eps as f32),
-            uc(splits),
             uc(dv),
         ],
         |kn| Groups::Linear {
