@@ -75,7 +75,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Turn a fusion pass off (repeatable), to bisect a wrong result:
-    /// siblings, gated, epilogue, prologue, attention, split.
+    /// siblings, gated, epilogue, prologue, attention, split, quantize.
     #[arg(long = "no-fuse", value_name = "PASS")]
     no_fuse: Vec<String>,
     /// Keep matmul inputs in f32. By default decode matmuls with rows over
@@ -241,6 +241,17 @@ fn load(m: &ModelArgs) -> Result<Model> {
     Model::load(&path, m.graph.as_deref())
 }
 
+/// The model's file and bound graph without its tokenizer: enough for
+/// commands that never see text (plan, kernels, bench), so they also work on
+/// `kiln synth` models, which carry no vocabulary.
+fn bind(m: &ModelArgs) -> Result<(Gguf, kiln::graph::BoundGraph)> {
+    let path = match &m.model {
+        Some(p) => p.clone(),
+        None => default_model()?,
+    };
+    kiln::session::bind_model(&path, m.graph.as_deref())
+}
+
 /// Run `f` with the backend `m` asks for.
 fn with_backend<R>(
     m: &ModelArgs,
@@ -395,7 +406,7 @@ fn run(cli: Cli) -> Result<()> {
             dot,
             stream_out,
         } => {
-            let model = load(&m)?;
+            let (_gguf, bound) = bind(&m)?;
             let opts = m.fusion()?;
             let ctx = GpuContext::new(&cli.gpu.options()?)?;
             let caps = kiln::exec::kernel::caps(&ctx);
@@ -405,20 +416,20 @@ fn run(cli: Cli) -> Result<()> {
                 .min(ctx.limits.max_buffer_size);
             let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
             use kiln::plan::{self, report, Bucket};
-            let decode = plan::plan_with(&model.bound, Bucket::One, caps, max, &opts)?;
-            let pre = plan::plan_with(&model.bound, Bucket::Many, caps, max, &opts)?;
-            println!("{}", report::text(&model.bound, &decode, 1, align, max)?);
+            let decode = plan::plan_with(&bound, Bucket::One, caps, max, &opts)?;
+            let pre = plan::plan_with(&bound, Bucket::Many, caps, max, &opts)?;
+            println!("{}", report::text(&bound, &decode, 1, align, max)?);
             println!(
                 "{}",
-                report::text(&model.bound, &pre, prefill.max(2), align, max)?
+                report::text(&bound, &pre, prefill.max(2), align, max)?
             );
             if let Some(p) = dot {
-                std::fs::write(&p, report::dot(&model.bound, &decode))
+                std::fs::write(&p, report::dot(&bound, &decode))
                     .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
                 eprintln!("wrote {}", p.display());
             }
             if let Some(p) = stream_out {
-                let text = kiln::plan::stream::to_json(&model.bound, &[decode, pre])?;
+                let text = kiln::plan::stream::to_json(&bound, &[decode, pre])?;
                 std::fs::write(&p, text)
                     .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
                 eprintln!("wrote {}", p.display());
@@ -426,11 +437,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Kernels { m, out } => {
-            let model = load(&m)?;
+            let (_gguf, bound) = bind(&m)?;
             let ctx = GpuContext::new(&cli.gpu.options()?)?;
             let caps = kiln::exec::kernel::caps(&ctx);
             let files = kiln::plan::write_kernels(
-                &model.bound,
+                &bound,
                 caps,
                 ctx.limits.max_storage_buffer_binding_size,
                 &out,
@@ -573,11 +584,7 @@ fn bench(
     stream: Option<&Path>,
 ) -> Result<()> {
     use std::time::Instant;
-    let path = match &m.model {
-        Some(p) => p.clone(),
-        None => default_model()?,
-    };
-    let (gguf, bound) = kiln::session::bind_model(&path, m.graph.as_deref())?;
+    let (gguf, bound) = bind(m)?;
     struct M {
         gguf: Gguf,
         bound: kiln::graph::BoundGraph,

@@ -53,6 +53,8 @@ pub struct GpuBackend<'a> {
     k_cache: Vec<wgpu::Buffer>,
     v_cache: Vec<wgpu::Buffer>,
     dummy: wgpu::Buffer,
+    /// matmul_vec QOUT's arrival counters (zero between launches).
+    counters: wgpu::Buffer,
     buckets: Vec<BucketState>,
     pos: usize,
     n_ctx: usize,
@@ -285,6 +287,15 @@ impl<'a> GpuBackend<'a> {
             k_cache,
             v_cache,
             dummy: zeros(4, "dummy"),
+            counters: zeros(
+                buckets
+                    .iter()
+                    .map(|b| b.plan.counters as usize)
+                    .max()
+                    .unwrap_or(0)
+                    .max(1),
+                "arrival counters",
+            ),
             buckets,
             pos: 0,
             n_ctx,
@@ -513,6 +524,7 @@ impl<'a> GpuBackend<'a> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
+            counters: &self.counters,
         };
         for (l, slot) in st.plan.launches.iter().zip(&slots) {
             bound.push(match (l, slot) {
@@ -603,6 +615,7 @@ struct Bufs<'b> {
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
     dummy: &'b wgpu::Buffer,
+    counters: &'b wgpu::Buffer,
 }
 
 impl<'b> Bufs<'b> {
@@ -619,7 +632,7 @@ impl<'b> Bufs<'b> {
             return Ok((arena, *off, Some(*size)));
         }
         Ok((
-            resolve(b, self.weights, self.k, self.v, self.dummy)?,
+            resolve(b, self.weights, self.k, self.v, self.dummy, self.counters)?,
             0,
             None,
         ))
@@ -642,6 +655,7 @@ fn resolve<'b>(
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
     dummy: &'b wgpu::Buffer,
+    counters: &'b wgpu::Buffer,
 ) -> Result<&'b wgpu::Buffer> {
     let missing = || Error::Gpu(format!("plan refers to a buffer that was not made: {b:?}"));
     match b {
@@ -657,6 +671,7 @@ fn resolve<'b>(
         Buf::KCache(c) => k.get(*c).ok_or_else(missing),
         Buf::VCache(c) => v.get(*c).ok_or_else(missing),
         Buf::Dummy => Ok(dummy),
+        Buf::Counters => Ok(counters),
         Buf::Unbound => Err(missing()),
     }
 }
@@ -705,6 +720,7 @@ impl GpuBackend<'_> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
+            counters: &self.counters,
         };
         let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
         ctx.queue
