@@ -34,18 +34,6 @@
 //! quantize_rows writes it (hook xq_in(i): word i of that buffer, row m at
 //! p.xqo + m * (K/4 + K/32)); the products are integer 4-wide dot products
 //! of the packed weight fields with q (dot4I8Packed), scaled once per piece.
-//! QOUT=1 (one output; its rows a multiple of 32): the matmul also writes
-//! its output quantized to int8 per 32-element block for the int8 matmul
-//! that reads it next, so no quantize_rows dispatch runs between them. The
-//! last of the 32 / ROWS workgroups of a block to finish (an arrival count
-//! per block in qcnt, reset to 0 by that workgroup for the next dispatch)
-//! reads the block back (hook qout_x4(m, n): stored elements n..n+4 of
-//! token m), multiplies by the reader's norm weight (qout_w4(n), 1.0
-//! without one) and writes through qout_word(i, v) at p.qo + m * (N/4 +
-//! N/32): N/4 words of q, N/32 block scales (quantize_rows' layout), and
-//! after all M rows the per-block Σ x² (raw x) at p.qo + M (N/4 + N/32) +
-//! m N/32, from which the reader's NORM takes its 1 / rms.
-//! With XQ=1, NORM=1 reads that Σ x² instead of summing x² itself.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
 //! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL NONE
 //! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
@@ -57,10 +45,9 @@
 //! knob F16: 0 1
 //! knob NORM: 0 1
 //! knob XQ: 0 1
-//! knob QOUT: 0 1
-//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT
-//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE'))) && (XQ == 0 || (F16 == 0 && XS == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K')))
-//! wg_storage: (WG / (1 + 3 * SUBGROUPS) * ROWS * (1 + PAIR) + WG + XS) * 4
+//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ
+//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K')))
+//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
 #endif
@@ -76,28 +63,16 @@ struct Params {
     ldy: u32,
     // XQ: the word where row 0 of the quantized input starts.
     xqo: u32,
-    // QOUT: the word of qout_word where row 0 of the quantized output starts.
-    qo: u32,
 }
 
 const WG: u32 = {{WG}}u;
 const ROWS: u32 = {{ROWS}}u;
 const NACC: u32 = 1u + {{PAIR}}u;
 
-// partial[(j * ROWS + r) * PS + i]: accumulator j, row r, from invocation
-// (or subgroup: at most WG / 4 of them, the smallest subgroup size WebGPU
-// allows) i.
-#if SUBGROUPS
-const PS: u32 = WG / 4u;
-#else
-const PS: u32 = WG;
-#endif
-var<workgroup> partial: array<f32, PS * ROWS * NACC>;
+// partial[(j * ROWS + r) * WG + i]: accumulator j, row r, from invocation
+// (or subgroup) i.
+var<workgroup> partial: array<f32, WG * ROWS * NACC>;
 var<workgroup> red: array<f32, WG>;
-#if QOUT
-// 1 in the workgroup that arrived last at its 32-row block.
-var<workgroup> q_last: u32;
-#endif
 #if XS
 // The staged input row, as vec4 so that x8's reads are two 16-byte loads
 // (scalar reads at a stride of 8 floats would conflict on 8-way banks).
@@ -244,23 +219,6 @@ fn load_word_c(i: u32) -> u32 {
 #endif
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<uniform> p: Params;
-#if QOUT
-@group(0) @binding(6) var<storage, read_write> qcnt: array<atomic<u32>>;
-@group(0) @binding(7) var<storage, read_write> yq: array<u32>;
-
-fn qout_x4(m: u32, n: u32) -> vec4<f32> {
-    let i = m * p.ldy + p.n_offset + n;
-    return vec4<f32>(y[i], y[i + 1u], y[i + 2u], y[i + 3u]);
-}
-
-fn qout_w4(n: u32) -> vec4<f32> {
-    return vec4<f32>(1.0);
-}
-
-fn qout_word(i: u32, v: u32) {
-    yq[i] = v;
-}
-#endif
 
 #if XQ
 fn xq_in(i: u32) -> u32 {
@@ -321,25 +279,18 @@ fn main(
     let g = wg.x + wg.y * nwg.x;
     let m = wg.z;
     prologue(m, g);
-#if XQ
-    xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
-#endif
 #if NORM
-    // The folded RMSNorm: Σ x² over the raw row (p.k % 4 == 0); with XQ
-    // the producer's per-block sums. Summed over the workgroup after the
-    // dot products, so that the weight loads go first.
+    // The folded RMSNorm: Σ x² over the raw row (p.k % 4 == 0), before any
+    // workgroup returns (wg_sum needs uniform control flow).
     var ssq = 0.0;
-#if XQ
-    let so = p.xqo + p.m * (p.k / 4u + p.k / 32u) + m * (p.k / 32u);
-    for (var i = lid; i < p.k / 32u; i += WG) {
-        ssq += bitcast<f32>(xq_in(so + i));
-    }
-#else
     for (var i = lid; i < p.k / 4u; i += WG) {
         let v = x_in4(m * p.k + 4u * i);
         ssq += dot(v, v);
     }
+    norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
 #endif
+#if XQ
+    xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
 #endif
     let ga = (p.na + ROWS - 1u) / ROWS;
     let gb = (p.nb + ROWS - 1u) / ROWS;
@@ -380,9 +331,6 @@ fn main(
         a = dot_rows_c(row_offsets_c(n0, nseg, p.k), xo, p.k);
     }
 #endif
-#if NORM
-    norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
-#endif
 #if SUBGROUPS
     for (var r = 0u; r < ROWS; r++) {
         let s = subgroupAdd(a[r]);
@@ -390,9 +338,9 @@ fn main(
         let sb = subgroupAdd(b[r]);
 #endif
         if sg_lane == 0u {
-            partial[r * PS + sg_id] = s;
+            partial[r * WG + sg_id] = s;
 #if PAIR
-            partial[(ROWS + r) * PS + sg_id] = sb;
+            partial[(ROWS + r) * WG + sg_id] = sb;
 #endif
         }
     }
@@ -401,9 +349,9 @@ fn main(
         var ta = 0.0;
         var tb = 0.0;
         for (var s = 0u; s < n_sg; s++) {
-            ta += partial[lid * PS + s];
+            ta += partial[lid * WG + s];
 #if PAIR
-            tb += partial[(ROWS + lid) * PS + s];
+            tb += partial[(ROWS + lid) * WG + s];
 #endif
         }
 #if NORM
@@ -414,77 +362,31 @@ fn main(
     }
 #else
     for (var r = 0u; r < ROWS; r++) {
-        partial[r * PS + lid] = a[r];
+        partial[r * WG + lid] = a[r];
 #if PAIR
-        partial[(ROWS + r) * PS + lid] = b[r];
+        partial[(ROWS + r) * WG + lid] = b[r];
 #endif
     }
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
         if lid < stride {
             for (var j = 0u; j < ROWS * NACC; j++) {
-                partial[j * PS + lid] += partial[j * PS + lid + stride];
+                partial[j * WG + lid] += partial[j * WG + lid + stride];
             }
         }
         workgroupBarrier();
     }
     if lid < ROWS && n0 + lid < nseg {
-        var ta = partial[lid * PS];
+        var ta = partial[lid * WG];
         var tb = 0.0;
 #if PAIR
-        tb = partial[(ROWS + lid) * PS];
+        tb = partial[(ROWS + lid) * WG];
 #endif
 #if NORM
         ta *= norm_r_;
         tb *= norm_r_;
 #endif
         store(seg, m, n0 + lid, ta, tb);
-    }
-#endif
-#if QOUT
-    // This workgroup's rows are stored; the last of its block's 32 / ROWS
-    // workgroups quantizes the block. storageBarrier is device-scoped
-    // (naga: Device scope, acquire-release), so the other workgroups'
-    // stores are visible once their arrivals are.
-    storageBarrier();
-    let blk = n0 / 32u;
-    let nq = p.na / 32u;
-    if lid == 0u {
-        let c = m * nq + blk;
-        let last = atomicAdd(&qcnt[c], 1u) == 32u / ROWS - 1u;
-        if last {
-            atomicStore(&qcnt[c], 0u);
-        }
-        q_last = select(0u, 1u, last);
-    }
-    if workgroupUniformLoad(&q_last) == 1u {
-        storageBarrier();
-        var v = vec4<f32>(0.0);
-        if lid < 8u {
-            let e = blk * 32u + 4u * lid;
-            let x = qout_x4(m, e);
-            v = x * qout_w4(e);
-            red[lid] = max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w)));
-            red[8u + lid] = dot(x, x);
-        }
-        workgroupBarrier();
-        if lid < 8u {
-            var amax = red[0];
-            for (var j = 1u; j < 8u; j++) {
-                amax = max(amax, red[j]);
-            }
-            let inv = select(0.0, 1.0 / amax, amax > 0.0);
-            let row = p.qo + m * (p.na / 4u + nq);
-            qout_word(row + blk * 8u + lid, pack4x8snorm(v * inv));
-            if lid == 0u {
-                var ss = 0.0;
-                for (var j = 0u; j < 8u; j++) {
-                    ss += red[8u + j];
-                }
-                qout_word(row + p.na / 4u + blk, bitcast<u32>(amax / 127.0));
-                qout_word(p.qo + p.m * (p.na / 4u + nq) + m * nq + blk, bitcast<u32>(ss));
-            }
-        }
     }
 #endif
 }

@@ -92,3 +92,50 @@ fn verify_replay_16_steps() {
         .unwrap_or(0);
     assert!(compared >= 16 * 30, "stdout: {stdout}");
 }
+
+/// A `kiln synth` model carries no vocabulary; the commands that never see
+/// text (plan, kernels) still take it, so speed work can start from one.
+#[test]
+fn plan_and_kernels_take_a_model_without_a_vocabulary() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-synth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let model = dir.join("tiny.gguf");
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/specs/tiny-qwen2.json");
+    let ok = |c: &mut Command, what: &str| -> String {
+        let out = c.output().expect("the kiln binary runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{what} failed: {err}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ok(
+        kiln().args(["synth", "--spec", spec, "--out"]).arg(&model),
+        "synth",
+    );
+    // The vocabulary really is missing: run needs it and says so.
+    let out = kiln()
+        .args(["run", "-n", "1", "--model"])
+        .arg(&model)
+        .arg("hi")
+        .output()
+        .expect("the kiln binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("tokenizer.ggml."),
+        "run on a model without a vocabulary: {err}"
+    );
+    let plan = ok(kiln().args(["plan", "--model"]).arg(&model), "plan");
+    assert!(plan.contains("decode plan (T = 1)"), "plan printed: {plan}");
+    let kernels = ok(
+        kiln()
+            .args(["kernels", "--model"])
+            .arg(&model)
+            .arg("--out")
+            .arg(dir.join("kernels")),
+        "kernels",
+    );
+    assert!(
+        kernels.lines().any(|l| l.ends_with(".wgsl")),
+        "kernels printed: {kernels}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

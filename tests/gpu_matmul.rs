@@ -128,18 +128,6 @@ fn check_matmul(
     s: Shape,
 ) -> Result<f64, String> {
     let dt = dtype(knobs);
-    // QOUT (the output quantized per 32-row block as well) needs whole
-    // blocks of rows: 64 of them, two blocks.
-    let qout = knobs.get("QOUT").is_some_and(|v| v == "1");
-    let s = if qout {
-        Shape {
-            n: 64,
-            ldy: s.ldy.max(s.n_offset + 64),
-            ..s
-        }
-    } else {
-        s
-    };
     // matmul_vec's extra weights (default hook: B and C rows follow A's in
     // y; PAIR=1 stores a * b).
     let extra: Vec<DType> = ["DTYPE_B", "DTYPE_C"]
@@ -232,14 +220,7 @@ fn check_matmul(
 
     let wbs: Vec<wgpu::Buffer> = all_w.iter().map(|b| kernel::storage(ctx, "w", b)).collect();
     let xb = if xq {
-        // The int8 rows, then (for NORM) each row's per-block Σ x², as a
-        // producer's QOUT writes them.
-        let mut words = q8_quantize(&x, kk, None);
-        words.extend(
-            x.chunks(32)
-                .map(|b| b.iter().map(|v| v * v).sum::<f32>().to_bits()),
-        );
-        kernel::storage(ctx, "x", bytemuck::cast_slice(&words))
+        kernel::storage(ctx, "x", bytemuck::cast_slice(&q8_quantize(&x, kk, None)))
     } else {
         kernel::storage(ctx, "x", bytemuck::cast_slice(&x))
     };
@@ -247,7 +228,7 @@ fn check_matmul(
     let yb = kernel::poisoned(ctx, "y", ylen);
     let rows_a = s.n - nb - nc;
     let words: Vec<u32> = match family {
-        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0, 0]
+        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0]
             .iter()
             .map(|&v| v as u32)
             .collect(),
@@ -271,37 +252,19 @@ fn check_matmul(
             spread(tiles, s.spread_max)
         }
     };
-    // QOUT: arrival counters (zero), the int8 rows and block sums.
-    let blocks = s.m * s.n / 32;
-    let qwords = s.m * (s.n / 4 + s.n / 32) + blocks;
-    let cb = kernel::storage(ctx, "counters", &vec![0u8; 4 * blocks.max(1)]);
-    let qb = kernel::poisoned(ctx, "yq", qwords);
     let bind = match family {
         Family::Vec => {
             let mut b: Vec<(u32, &wgpu::Buffer)> =
                 wbs.iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
             b.extend([(3, &xb), (4, &yb), (5, &pb)]);
-            if qout {
-                b.extend([(6, &cb), (7, &qb)]);
-            }
             k.bind_at(ctx, &b)
         }
         Family::Tiled => k.bind(ctx, &[&wbs[0], &xb, &yb, &pb]),
     };
-    // QOUT runs twice: the second launch must find the counters reset.
-    for _ in 0..1 + qout as usize {
-        let mut enc = ctx.device.create_command_encoder(&Default::default());
-        k.dispatch(&mut enc, &bind, groups);
-        ctx.queue.submit([enc.finish()]);
-    }
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    k.dispatch(&mut enc, &bind, groups);
+    ctx.queue.submit([enc.finish()]);
     let y = kernel::read_f32(ctx, &yb, ylen).map_err(|e| e.to_string())?;
-    if qout {
-        let rows: Vec<f32> = y
-            .chunks(s.ldy)
-            .flat_map(|r| r[s.n_offset..s.n_offset + s.n].to_vec())
-            .collect();
-        check_qout(ctx, &rows, s.n, &qb, &cb, blocks)?;
-    }
 
     let mut got = Vec::with_capacity(s.m * s.n);
     for m in 0..s.m {
@@ -338,57 +301,6 @@ fn check_matmul(
             "{s:?} K {kk}: rel L2 {err:e} > {:e}{detail}",
             tolerance(knobs)
         ))
-    }
-}
-
-/// matmul_vec QOUT's int8 rows against the CPU quantization of the rows it
-/// stored (`y`, M rows of N): q within 1 (the GPU's 1 / max may round a
-/// product at .5 the other way), scales and per-block Σ x² within 1e-5
-/// relative, and every arrival counter back at 0.
-fn check_qout(
-    ctx: &GpuContext,
-    y: &[f32],
-    n: usize,
-    qb: &wgpu::Buffer,
-    cb: &wgpu::Buffer,
-    blocks: usize,
-) -> Result<(), String> {
-    let m = y.len() / n;
-    let row = n / 4 + n / 32;
-    let got: Vec<u32> = bytemuck::pod_collect_to_vec(
-        &kernel::read_bytes(ctx, qb, 4 * (m * row + blocks) as u64).map_err(|e| e.to_string())?,
-    );
-    let want = q8_quantize(y, n, None);
-    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1e-30);
-    for r in 0..m {
-        for i in 0..row {
-            let (g, w) = (got[r * row + i], want[r * row + i]);
-            let ok = if i < n / 4 {
-                g.to_le_bytes()
-                    .iter()
-                    .zip(w.to_le_bytes())
-                    .all(|(a, b)| (*a as i8 as i32 - b as i8 as i32).abs() <= 1)
-            } else {
-                close(f32::from_bits(g), f32::from_bits(w))
-            };
-            if !ok {
-                return Err(format!("QOUT row {r} word {i}: {g:#010x}, want {w:#010x}"));
-            }
-        }
-    }
-    for (b, blk) in y.chunks(32).enumerate() {
-        let want = blk.iter().map(|v| v * v).sum::<f32>();
-        let g = f32::from_bits(got[m * row + b]);
-        if (g - want).abs() > 1e-5 * want.max(1e-30) {
-            return Err(format!("QOUT block {b}: Σ x² {g}, want {want}"));
-        }
-    }
-    let c: Vec<u32> = bytemuck::pod_collect_to_vec(
-        &kernel::read_bytes(ctx, cb, 4 * blocks.max(1) as u64).map_err(|e| e.to_string())?,
-    );
-    match c.iter().position(|&v| v != 0) {
-        Some(i) => Err(format!("QOUT left arrival counter {i} at {}", c[i])),
-        None => Ok(()),
     }
 }
 
@@ -494,19 +406,8 @@ fn matmul_vec_all_variants() {
             },
         ],
         // The int8-input path (XQ) with one weight, with a pair, and with
-        // three siblings of mixed dtypes; a pair reading a normed int8 row
-        // and quantizing its own output (as the gate and up of a decode
-        // layer between two others do).
+        // three siblings of mixed dtypes.
         &[
-            &[
-                ("DTYPE_B", "Q4_0"),
-                ("DTYPE_C", "NONE"),
-                ("PAIR", "1"),
-                ("XS", "0"),
-                ("NORM", "1"),
-                ("XQ", "1"),
-                ("QOUT", "1"),
-            ],
             &[
                 ("DTYPE_B", "NONE"),
                 ("DTYPE_C", "NONE"),
@@ -774,11 +675,7 @@ fn print_speed() {
             let wb = kernel::storage(&ctx, "w", &wbytes);
             let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
             let yb = kernel::poisoned(&ctx, "y", n);
-            let pb = kernel::uniform(
-                &ctx,
-                "p",
-                &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0, 0],
-            );
+            let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
             for &(mode, xs, xq) in &modes {
                 if xs != "0" && kk > 4096 {
                     continue;
@@ -791,7 +688,6 @@ fn print_speed() {
                     ("XS", xs),
                     ("NORM", "0"),
                     ("XQ", xq),
-                    ("QOUT", "0"),
                 ]
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))

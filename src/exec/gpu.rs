@@ -53,8 +53,6 @@ pub struct GpuBackend<'a> {
     k_cache: Vec<wgpu::Buffer>,
     v_cache: Vec<wgpu::Buffer>,
     dummy: wgpu::Buffer,
-    /// matmul_vec QOUT's arrival counters (zero between launches).
-    counters: wgpu::Buffer,
     buckets: Vec<BucketState>,
     pos: usize,
     n_ctx: usize,
@@ -287,15 +285,6 @@ impl<'a> GpuBackend<'a> {
             k_cache,
             v_cache,
             dummy: zeros(4, "dummy"),
-            counters: zeros(
-                buckets
-                    .iter()
-                    .map(|b| b.plan.counters as usize)
-                    .max()
-                    .unwrap_or(0)
-                    .max(1),
-                "arrival counters",
-            ),
             buckets,
             pos: 0,
             n_ctx,
@@ -524,7 +513,6 @@ impl<'a> GpuBackend<'a> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
-            counters: &self.counters,
         };
         for (l, slot) in st.plan.launches.iter().zip(&slots) {
             bound.push(match (l, slot) {
@@ -615,7 +603,6 @@ struct Bufs<'b> {
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
     dummy: &'b wgpu::Buffer,
-    counters: &'b wgpu::Buffer,
 }
 
 impl<'b> Bufs<'b> {
@@ -632,7 +619,7 @@ impl<'b> Bufs<'b> {
             return Ok((arena, *off, Some(*size)));
         }
         Ok((
-            resolve(b, self.weights, self.k, self.v, self.dummy, self.counters)?,
+            resolve(b, self.weights, self.k, self.v, self.dummy)?,
             0,
             None,
         ))
@@ -655,7 +642,6 @@ fn resolve<'b>(
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
     dummy: &'b wgpu::Buffer,
-    counters: &'b wgpu::Buffer,
 ) -> Result<&'b wgpu::Buffer> {
     let missing = || Error::Gpu(format!("plan refers to a buffer that was not made: {b:?}"));
     match b {
@@ -671,7 +657,6 @@ fn resolve<'b>(
         Buf::KCache(c) => k.get(*c).ok_or_else(missing),
         Buf::VCache(c) => v.get(*c).ok_or_else(missing),
         Buf::Dummy => Ok(dummy),
-        Buf::Counters => Ok(counters),
         Buf::Unbound => Err(missing()),
     }
 }
@@ -720,7 +705,6 @@ impl GpuBackend<'_> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
-            counters: &self.counters,
         };
         let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
         ctx.queue

@@ -23,11 +23,6 @@
 //!   that reads the attention output where a prologue pays (rows up to
 //!   [`PROLOGUE_PAYS_UP_TO_K`], the `prologue` pass on), else by a small
 //!   merge dispatch of their own.
-//! - `quantize` (decode plans, planned in src/plan/hooks.rs): where a
-//!   matmul reads its row as int8 and that row (raw or under a lone
-//!   RMSNorm) is the single output of the fused matmul before it, the
-//!   producer's last workgroup per 32-row block quantizes the block on its
-//!   store, instead of a quantize_rows dispatch between the two.
 //!
 //! Fused decode kernels are matrix × vector kernels; prefill plans use the
 //! same passes except `attention` (see [`fuse`]).
@@ -37,14 +32,13 @@ use std::collections::BTreeSet;
 use crate::graph::ir::{BoundGraph, BoundOp, Dim, ValueId};
 
 /// The fusion passes, in the order they run.
-pub const PASSES: [&str; 7] = [
+pub const PASSES: [&str; 6] = [
     "siblings",
     "gated",
     "epilogue",
     "prologue",
     "attention",
     "split",
-    "quantize",
 ];
 
 /// One dispatch of a fused schedule (before weight chunking).

@@ -112,9 +112,6 @@ pub enum Buf {
     VCache(usize),
     /// A 4-byte placeholder for an absent optional input.
     Dummy,
-    /// The zeroed u32 arrival counters of matmul_vec's QOUT ([`Plan::counters`]
-    /// words; every launch leaves them at 0).
-    Counters,
     /// A binding number the kernel does not declare (skipped).
     Unbound,
 }
@@ -241,9 +238,6 @@ pub struct Plan {
     /// a matmul stored after its output).
     #[serde(default)]
     pub extra: Vec<(usize, u64)>,
-    /// u32 words of [`Buf::Counters`] the launches use.
-    #[serde(default)]
-    pub counters: u64,
 }
 
 impl Plan {
@@ -428,27 +422,6 @@ impl Builder {
     }
 }
 
-impl Builder {
-    /// Reserve `words` u32 words per token after value `v`'s own elements
-    /// and whatever was reserved there before (see [`Plan::extra`]); the
-    /// word where they start.
-    pub(crate) fn reserve_after(
-        &mut self,
-        g: &BoundGraph,
-        root: usize,
-        v: crate::graph::ir::ValueId,
-        words: u64,
-    ) -> Lin {
-        let before: u64 = self.extra.iter().filter(|e| e.0 == root).map(|e| e.1).sum();
-        self.extra.push((root, words));
-        let n = numel(&g.values[v].shape);
-        Lin {
-            t: n.t + before,
-            ..n
-        }
-    }
-}
-
 pub(crate) fn knob(k: &Knobs, name: &str, default: u64) -> u64 {
     k.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -555,21 +528,20 @@ pub fn plan_with(
             "fusion made an invalid schedule ({m}); turn passes off with --no-fuse to bisect"
         ))
     })?;
-    let quant = if bucket == Bucket::One && opts.on("quantize") {
-        hooks::plan_producer_quantize(&mut b, g, &groups, &weights, &value_buf)
-    } else {
-        hooks::Quantized::default()
-    };
-    for (gi, gr) in groups.iter().enumerate() {
+    for gr in &groups {
         match gr {
             Group::Single(i) => plan_node(&mut b, g, *i, &mut weights, &value_buf, tiled)?,
             // A matmul nothing fused with is planned as itself (tiled in prefill).
-            Group::Matvec(m) if hooks::plain_matmul(m) => {
+            Group::Matvec(m)
+                if m.mats.len() == 1
+                    && m.pair.is_none()
+                    && m.prologue.is_empty()
+                    && m.merge.is_none()
+                    && m.epilogue.is_empty() =>
+            {
                 plan_node(&mut b, g, m.mats[0], &mut weights, &value_buf, tiled)?
             }
-            Group::Matvec(m) => {
-                hooks::plan_matvec(&mut b, g, gi, m, &quant, &mut weights, &value_buf)?
-            }
+            Group::Matvec(m) => hooks::plan_matvec(&mut b, g, m, &mut weights, &value_buf)?,
             Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
     }
@@ -593,7 +565,6 @@ pub fn plan_with(
         made,
         groups,
         extra,
-        counters: quant.counters,
     })
 }
 
@@ -685,7 +656,6 @@ fn plan_node(
                         uc(first),
                         uc(nn),
                         uc(0),
-                        uc(0),
                     ];
                     b.launch(
                         i,
@@ -697,7 +667,6 @@ fn plan_node(
                             ("PAIR", "0"),
                             ("XS", "0"),
                             ("XQ", "0"),
-                            ("QOUT", "0"),
                         ],
                         binds,
                         params,

@@ -12,10 +12,7 @@ use crate::error::{Error, Result};
 use crate::graph::ir::BoundGraph;
 
 /// The format tag written into every stream file.
-/// Bumped whenever a plan's fields or a template's knobs or uniform words
-/// change, so that a stale file is refused by name rather than failing
-/// when a kernel is generated.
-pub const FORMAT: &str = "kiln-stream-2";
+pub const FORMAT: &str = "kiln-stream-1";
 
 /// What a stream file holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,7 +104,7 @@ fn check(g: &BoundGraph, p: &Plan) -> std::result::Result<(), String> {
             .is_some_and(|w| *chunk < w.chunks.len()),
         Buf::F32(w) => *w < g.weights.len(),
         Buf::KCache(c) | Buf::VCache(c) => *c < g.caches.len(),
-        Buf::Dummy | Buf::Unbound | Buf::Counters => true,
+        Buf::Dummy | Buf::Unbound => true,
     };
     for l in &p.launches {
         match l {
