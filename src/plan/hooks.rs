@@ -216,19 +216,25 @@ pub(crate) fn plan_matvec(
         ("NORM", if m.scaled && !int8 { "1" } else { "0" }),
         ("XQ", if int8 { "1" } else { "0" }),
     ];
-    // Int8 pieces are 8-32 elements: the widest workgroup that still gives
-    // every invocation a piece of each row (H200, 8B shapes: Q4_K at
-    // K=4096 with 256 invocations left half of them idle, 172 -> 197 tok/s
-    // with 128).
+    // Workgroup width: each invocation's share of a weight row should be
+    // about one Q4_0 block's bytes (18), the nearest power of two in log
+    // scale, and every invocation must get a piece of each row. Measured
+    // on the H200 (8B shapes, decode tok/s): Q4_0 at K=4096 (2304-byte
+    // rows) 274 -> 290 from 256 invocations (9 B each) to 128 (18 B), 64
+    // slower again; Q4_0 at K=3584: 128 (15.75 B) beats 64 (31.5 B) by 6%;
+    // Q8_0 at K=3584: 256 (14.9 B) beats 128 (29.8 B) by 3%; Q4_K at K=4096
+    // with 256 left half the invocations without a piece (172 -> 197 with
+    // 128); at K=14336 128 and 256 are the same.
     if int8 {
         let piece = ws
             .iter()
             .filter_map(|&w| int8_piece(g.weights[w].dtype))
             .max()
             .unwrap_or(8);
-        let wg = match k / piece {
-            n if n >= 256 => "256",
-            n if n >= 128 => "128",
+        let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
+        let wg = match int8_workgroup(row, k, piece) {
+            256 => "256",
+            128 => "128",
             _ => "64",
         };
         fixed.push(("WG", wg));
@@ -476,6 +482,17 @@ const INT8_DOT_DTYPES: [(crate::model::dtype::DType, usize); 5] = {
 /// The int8 piece size of `dt`, if matmul_vec has an int8 path for it.
 fn int8_piece(dt: crate::model::dtype::DType) -> Option<usize> {
     INT8_DOT_DTYPES.iter().find(|(d, _)| *d == dt).map(|p| p.1)
+}
+
+/// matmul_vec's workgroup width for an int8 input: rows of `k` elements,
+/// the widest `row_bytes`, pieces of `piece` elements (see plan_matvec).
+fn int8_workgroup(row_bytes: usize, k: usize, piece: usize) -> usize {
+    let off = |wg: usize| (row_bytes as f64 / wg as f64 / 18.0).log2().abs();
+    [256usize, 128, 64]
+        .into_iter()
+        .filter(|&wg| wg <= k / piece.max(1) || wg == 64)
+        .min_by(|&a, &b| off(a).total_cmp(&off(b)))
+        .unwrap_or(64)
 }
 
 /// Whether matmul nodes `mats` (rows of `k`) can read an int8 input: every
@@ -772,4 +789,34 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
         return 0;
     };
     h * a.splits * (g.caches[*cache].v_dim + 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::int8_workgroup;
+
+    #[test]
+    fn int8_workgroups_give_each_invocation_about_a_block() {
+        // (row bytes, K, piece) -> the width measured best on the H200.
+        let q4_0 = |k: usize| (k / 32 * 18, k, 16);
+        let q8_0 = |k: usize| (k / 32 * 34, k, 8);
+        let q4_k = |k: usize| (k / 256 * 144, k, 32);
+        for ((row, k, piece), want) in [
+            (q4_0(4096), 128),
+            (q4_0(3584), 128),
+            (q4_0(14336), 256),
+            (q8_0(3584), 256),
+            (q8_0(4096), 256),
+            (q4_k(4096), 128),
+            // 112 pieces: 128 invocations would leave some without one.
+            (q4_k(3584), 64),
+            (q4_0(576), 64),
+        ] {
+            assert_eq!(
+                int8_workgroup(row, k, piece),
+                want,
+                "row {row} B, K {k}, piece {piece}"
+            );
+        }
+    }
 }
