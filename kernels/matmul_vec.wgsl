@@ -40,7 +40,7 @@
 //! knob PAIR: 0 1
 //! knob XS: 0 1024 2048 4096 8192
 //! knob WG: 64 128 256
-//! knob ROWS: 1 4
+//! knob ROWS: 1 2 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
 //! knob NORM: 0 1
