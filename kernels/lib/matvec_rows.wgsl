@@ -132,43 +132,7 @@ fn dot_nibbles(w0: u32, w1: u32, q: vec4<u32>) -> i32 {
         + (dot4I8Packed((w0 >> 4u) & m4, q.z) + dot4I8Packed((w1 >> 4u) & m4, q.w));
 }
 
-#if DTYPE == 'Q4_0'
-// Piece p: block p, 18 bytes (d, 16 nibble bytes; 2-byte aligned): byte j's
-// low nibble is element j, its high nibble element 16 + j; q holds the
-// input's words of elements 0..16, r those of 16..32.
-const PIECE: u32 = 32u;
-
-fn xq_piece(pi: u32) -> XP {
-    let e = pi * 32u;
-    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
-    let r = vec4<u32>(xq_word(e + 16u), xq_word(e + 20u), xq_word(e + 24u), xq_word(e + 28u));
-    let d = xq_d(e);
-    let s = ((xq_sum(q.x, d) + xq_sum(q.y, d)) + (xq_sum(q.z, d) + xq_sum(q.w, d)))
-        + ((xq_sum(r.x, d) + xq_sum(r.y, d)) + (xq_sum(r.z, d) + xq_sum(r.w, d)));
-    return XP(q, r, vec4<f32>(d), vec4<f32>(s));
-}
-
-// d · Σ (n − 8)·q·dx over the block: its 16 nibble bytes as four words from
-// the five (or six, with the scale's) that hold them, rather than a 64-bit
-// load per half block (three words each, and the scale's word again).
-fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let b = row + pi * 18u;
-    let qi = (b + 2u) >> 2u;
-    let sh = ((b + 2u) & 3u) * 8u;
-    let w0 = load_word(qi);
-    let w1 = load_word(qi + 1u);
-    let w2 = load_word(qi + 2u);
-    let w3 = load_word(qi + 3u);
-    let w4 = load_word(qi + 4u);
-    let w = vec4<u32>(funnel(w0, w1, sh), funnel(w1, w2, sh), funnel(w2, w3, sh), funnel(w3, w4, sh));
-    let m4 = vec4<u32>(0x0f0f0f0fu);
-    let lo = w & m4;
-    let hi = (w >> vec4<u32>(4u)) & m4;
-    let sq = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w))
-        + (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
-    return scale_at(b) * (xp.d.x * f32(sq) - 8.0 * xp.s.x);
-}
-#elif DTYPE == 'Q4_1'
+#if DTYPE == 'Q4_0' || DTYPE == 'Q4_1'
 // Piece p: half h = p % 2 of block p / 2's 16 nibble bytes (bytes
 // 8h..8h+8): the low nibbles are elements 8h.., the high ones 16 + 8h..
 const PIECE: u32 = 16u;
@@ -181,6 +145,14 @@ fn xq_piece(pi: u32) -> XP {
     return XP(q, vec4<u32>(0u), vec4<f32>(d), vec4<f32>(s));
 }
 
+#if DTYPE == 'Q4_0'
+// 18-byte blocks (d, 16 nibble bytes): d · Σ (n − 8)·q·dx.
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let b = row + (pi / 2u) * 18u;
+    let w = load_u64(b + 2u + (pi % 2u) * 8u);
+    return scale_at(b) * (xp.d.x * f32(dot_nibbles(w.x, w.y, xp.q)) - 8.0 * xp.s.x);
+}
+#else
 // 20-byte blocks (d, m, 16 nibble bytes; word-aligned): Σ (d·n + m)·q·dx.
 fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let bw = (row + (pi / 2u) * 20u) >> 2u;
@@ -188,6 +160,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let dm = scales2(load_word(bw));
     return dm.x * xp.d.x * f32(dot_nibbles(load_word(qw), load_word(qw + 1u), xp.q)) + dm.y * xp.s.x;
 }
+#endif
 #elif DTYPE == 'Q8_0'
 // Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
 const PIECE: u32 = 8u;

@@ -482,7 +482,7 @@ pub(crate) fn plan_matvec(
 const INT8_DOT_DTYPES: [(crate::model::dtype::DType, usize); 5] = {
     use crate::model::dtype::DType;
     [
-        (DType::Q4_0, 32),
+        (DType::Q4_0, 16),
         (DType::Q4_1, 16),
         (DType::Q8_0, 8),
         (DType::Q4_K, 32),
@@ -501,7 +501,7 @@ fn int8_workgroup(row_bytes: usize, k: usize, piece: usize) -> usize {
     let off = |wg: usize| (row_bytes as f64 / wg as f64 / 18.0).log2().abs();
     [256usize, 128, 64]
         .into_iter()
-        .filter(|&wg| 3 * wg <= 4 * (k / piece.max(1)) || wg == 64)
+        .filter(|&wg| wg <= k / piece.max(1) || wg == 64)
         .min_by(|&a, &b| off(a).total_cmp(&off(b)))
         .unwrap_or(64)
 }
@@ -814,7 +814,7 @@ mod tests {
         let q4_k = |k: usize| (k / 256 * 144, k, 32);
         for ((row, k, piece), want) in [
             (q4_0(4096), 128),
-            (q4_0(3584), 128), // (piece 16 here: the kernel this test was written for)
+            (q4_0(3584), 128),
             (q4_0(14336), 256),
             (q8_0(3584), 256),
             (q8_0(4096), 256),
