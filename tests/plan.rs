@@ -173,4 +173,22 @@ fn stream_files_round_trip_and_are_checked() {
     assert!(e.contains("damaged stream"), "{e}");
     let e = stream::from_json(&b, "{}").unwrap_err().to_string();
     assert!(e.contains("not a kiln stream"), "{e}");
+    // Recorded by a kiln with other kernel templates (or before streams
+    // named them): refused by name, not when a kernel fails to build.
+    let hash = kiln::codegen::sources_hash();
+    let stale = text.replacen(
+        &format!("\"kernels\":\"{hash}\""),
+        "\"kernels\":\"0123456789abcdef\"",
+        1,
+    );
+    assert_ne!(stale, text);
+    let old = text.replacen(&format!(",\"kernels\":\"{hash}\""), "", 1);
+    assert_ne!(old, text);
+    for t in [stale, old] {
+        let e = stream::from_json(&b, &t).unwrap_err().to_string();
+        assert!(
+            e.contains("other kernel templates") && e.contains("--stream-out"),
+            "{e}"
+        );
+    }
 }

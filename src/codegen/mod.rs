@@ -251,6 +251,19 @@ pub const LIBS: &[(&str, &str)] = &[
     ),
 ];
 
+/// A fingerprint of every template and lib compiled into kiln (FNV-1a
+/// over names and texts, 16 hex digits): a recorded stream names the
+/// kernels it was planned with by it.
+pub fn sources_hash() -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, text) in SOURCES.iter().chain(LIBS) {
+        for b in name.bytes().chain([0]).chain(text.bytes()).chain([0]) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
 /// All built-in templates.
 pub fn templates() -> Result<Vec<Template>, CodegenError> {
     SOURCES.iter().map(|(f, s)| Template::parse(f, s)).collect()

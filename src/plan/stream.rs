@@ -2,8 +2,8 @@
 //! (every launch with its kernel variant, hooks, bindings, uniform words as
 //! functions of T and pos0, and workgroup counts), written by
 //! `kiln plan --stream-out FILE` and replayed by `kiln bench --stream FILE`
-//! without planning. The file names the weights it was recorded for and is
-//! checked against the model it is replayed on.
+//! without planning. The file names the weights it was recorded for and
+//! the kernel templates it was planned with, and is checked against both.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +25,11 @@ pub struct StreamFile {
     pub weights: Vec<(String, String, Vec<usize>)>,
     /// Number of values in the bound graph.
     pub values: usize,
+    /// [`crate::codegen::sources_hash`] of the kiln that recorded it: the
+    /// plans name template variants, knobs and uniform layouts, which mean
+    /// something else once the templates change.
+    #[serde(default)]
+    pub kernels: String,
     /// The decode and prefill plans.
     pub plans: Vec<Plan>,
 }
@@ -43,6 +48,7 @@ pub fn to_json(g: &BoundGraph, plans: &[Plan]) -> Result<String> {
         arch: g.arch.clone(),
         weights: weights_of(g),
         values: g.values.len(),
+        kernels: crate::codegen::sources_hash(),
         plans: plans.to_vec(),
     };
     serde_json::to_string(&f).map_err(|e| Error::Input(format!("cannot encode the stream: {e}")))
@@ -68,6 +74,13 @@ pub fn from_json(g: &BoundGraph, text: &str) -> Result<Vec<Plan>> {
             "the stream was recorded for another model or graph (architecture '{}', {} weights); {again}",
             f.arch,
             f.weights.len()
+        )));
+    }
+    if f.kernels != crate::codegen::sources_hash() {
+        return Err(Error::Input(format!(
+            "the stream was recorded by a kiln built from other kernel templates ({}, this one {}); {again}",
+            if f.kernels.is_empty() { "unnamed" } else { f.kernels.as_str() },
+            crate::codegen::sources_hash()
         )));
     }
     if f.plans.len() != 2 {
