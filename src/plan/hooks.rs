@@ -804,7 +804,36 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::int8_workgroup;
+    use super::{int8_workgroup, INT8_DOT_DTYPES};
+
+    /// The planner's int8 piece sizes are matvec_rows.wgsl's PIECE: the
+    /// workgroup width is chosen from them.
+    #[test]
+    fn int8_piece_sizes_match_the_kernel() {
+        let t = crate::codegen::template("matmul_vec").expect("template");
+        for (dt, piece) in INT8_DOT_DTYPES {
+            let knobs: crate::codegen::Knobs = [
+                ("DTYPE", dt.to_string()),
+                ("DTYPE_B", "NONE".into()),
+                ("DTYPE_C", "NONE".into()),
+                ("PAIR", "0".into()),
+                ("XS", "0".into()),
+                ("WG", "64".into()),
+                ("ROWS", "4".into()),
+                ("SUBGROUPS", "0".into()),
+                ("F16", "0".into()),
+                ("NORM", "0".into()),
+                ("XQ", "1".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            let wgsl = t.generate(&knobs).expect("generate");
+            // (matmul_vec includes matvec_rows.wgsl with the suffix _a.)
+            let want = format!("const PIECE_a: u32 = {piece}u;");
+            assert!(wgsl.contains(&want), "{dt}: the kernel has no `{want}`");
+        }
+    }
 
     #[test]
     fn int8_workgroups_give_each_invocation_about_a_block() {
