@@ -50,6 +50,20 @@ impl Model {
     /// Open `path` and bind it to `graph` (default: graphs/<general.architecture>.ron).
     pub fn load(path: &Path, graph: Option<&Path>) -> Result<Model> {
         let (gguf, bound) = bind_model(path, graph)?;
+        // A file with no vocabulary at all (a `kiln synth` model) is not a
+        // conversion gone wrong: say what it can be used for.
+        if !gguf
+            .metadata
+            .keys()
+            .any(|k| k.starts_with("tokenizer.ggml."))
+        {
+            return Err(Error::Input(format!(
+                "{} has no vocabulary (no tokenizer.ggml.* metadata; `kiln synth` writes none): \
+                 commands that read or write text need a converted model; `kiln bench`, \
+                 `kiln plan` and `kiln kernels` run without one",
+                path.display()
+            )));
+        }
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         Ok(Model {
             gguf,
