@@ -630,8 +630,15 @@ fn bench(
     let decode_s = t.elapsed().as_secs_f64();
     let times = b.take_step_times();
     // The roof once more, with the GPU's clocks up from the timing: one
-    // measurement alone came out 10-15% low now and then on the H200.
-    let roof = roof.max(kiln::exec::bench::read_roof(&ctx, 3)?.1);
+    // measurement alone came out 10-15% low now and then on the H200. With
+    // the model loaded its 1 GiB buffer may not fit: then the first stands.
+    let roof = match kiln::exec::bench::read_roof(&ctx, 3) {
+        Ok((_, again)) => roof.max(again),
+        Err(e) => {
+            eprintln!("kiln bench: the read roof is measured once only ({e})");
+            roof
+        }
+    };
     let _ = logits;
     let weight_bytes: u64 = model
         .bound

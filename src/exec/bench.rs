@@ -46,16 +46,20 @@ pub fn finish(ctx: &GpuContext) -> Result<()> {
 }
 
 /// Streaming-read bandwidth in bytes/s: a plain kernel summing vec4<f32>
-/// over a buffer of up to 1 GiB (less if the adapter binds less), four
-/// times per submission (so that the submit and wait, ~0.1 ms, weigh a
-/// quarter as much); best of `reps` timed runs after one warm-up. Returns
-/// (bytes read per pass, bytes/s).
+/// over a buffer of up to 1 GiB (less if the adapter binds less); best of
+/// `reps` timed runs after one warm-up. Where the buffer is large enough
+/// that no cache holds it (512 MiB or more) each submission reads it four
+/// times, so that the submit and wait (~0.1 ms) weigh a quarter as much.
+/// A GPU error (e.g. no memory left for the buffer) is an error, never a
+/// fast run. Returns (bytes read per pass, bytes/s).
 pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
     let bytes = (1u64 << 30)
         .min(ctx.limits.max_storage_buffer_binding_size)
         .min(ctx.limits.max_buffer_size)
         / 16
         * 16;
+    let passes: u32 = if bytes >= 512 << 20 { 4 } else { 1 };
+    ctx.check_errors()?;
     let x = ctx.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("roof"),
         size: bytes,
@@ -67,11 +71,10 @@ pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
     crate::codegen::validate(ROOF_WGSL, &kernel::caps(ctx)).map_err(Error::Gpu)?;
     let k = Kernel::from_wgsl(ctx, "read_roof", ROOF_WGSL.to_string());
     let bind = k.bind(ctx, &[&x, &y]);
-    const PASSES: u32 = 4;
     let mut best = f64::INFINITY;
     for i in 0..=reps {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        for _ in 0..PASSES {
+        for _ in 0..passes {
             k.dispatch(&mut enc, &bind, [groups, 1, 1]);
         }
         let t = Instant::now();
@@ -81,7 +84,9 @@ pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
             best = best.min(t.elapsed().as_secs_f64());
         }
     }
-    Ok((bytes, (bytes * PASSES as u64) as f64 / best))
+    ctx.check_errors()
+        .map_err(|e| Error::Gpu(format!("measuring the read roof: {e}")))?;
+    Ok((bytes, (bytes * u64::from(passes)) as f64 / best))
 }
 
 /// GPU time per dispatch of a chain of dependent dispatches in one compute

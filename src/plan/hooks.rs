@@ -207,6 +207,7 @@ pub(crate) fn plan_matvec(
             b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf,
         )?;
     }
+    let wg_knob: String;
     let mut fixed = vec![
         ("DTYPE", dt_a.as_str()),
         ("DTYPE_B", dt_b.as_str()),
@@ -232,12 +233,8 @@ pub(crate) fn plan_matvec(
             .max()
             .unwrap_or(8);
         let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
-        let wg = match int8_workgroup(row, k, piece) {
-            256 => "256",
-            128 => "128",
-            _ => "64",
-        };
-        fixed.push(("WG", wg));
+        wg_knob = int8_workgroup(row, k, piece).to_string();
+        fixed.push(("WG", wg_knob.as_str()));
         // Q6_K pieces are the heaviest to decode (three words and two
         // scale words a row): two rows a workgroup instead of four. H200,
         // Llama-3-8B Q4_K_M: its Q6_K down projections 674 -> 554 µs a
@@ -495,13 +492,23 @@ fn int8_piece(dt: crate::model::dtype::DType) -> Option<usize> {
     INT8_DOT_DTYPES.iter().find(|(d, _)| *d == dt).map(|p| p.1)
 }
 
+/// The bytes of a weight row an int8 matmul invocation should take: one
+/// Q4_0 block's (see plan_matvec for the measurements).
+const INT8_BYTES_PER_INVOCATION: f64 = 18.0;
+
 /// matmul_vec's workgroup width for an int8 input: rows of `k` elements,
-/// the widest `row_bytes`, pieces of `piece` elements (see plan_matvec).
-fn int8_workgroup(row_bytes: usize, k: usize, piece: usize) -> usize {
-    let off = |wg: usize| (row_bytes as f64 / wg as f64 / 18.0).log2().abs();
-    [256usize, 128, 64]
+/// `row_bytes` and `piece` the largest of the group's weights (the width
+/// follows the heaviest row; the largest piece is the strictest bound).
+fn int8_workgroup(row_bytes: usize, k: usize, piece: usize) -> u32 {
+    let off = |wg: u32| {
+        (row_bytes as f64 / f64::from(wg) / INT8_BYTES_PER_INVOCATION)
+            .log2()
+            .abs()
+    };
+    // 64 even where it leaves invocations without a piece (K < 64 pieces).
+    [256u32, 128, 64]
         .into_iter()
-        .filter(|&wg| wg <= k / piece.max(1) || wg == 64)
+        .filter(|&wg| wg as usize <= k / piece || wg == 64)
         .min_by(|&a, &b| off(a).total_cmp(&off(b)))
         .unwrap_or(64)
 }

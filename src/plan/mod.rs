@@ -262,6 +262,10 @@ impl Plan {
     }
 }
 
+/// Knobs the planner may pin for speed alone (any legal value computes the
+/// same): `KILN_KNOBS` overrides its choice for them.
+pub const TUNING_KNOBS: [&str; 2] = ["WG", "ROWS"];
+
 /// Pick a variant of `t` with the `fixed` knobs that `caps` can run. The
 /// cost model for now: subgroups and f16 when available, and for every other
 /// knob the value listed last in the template (templates list values from
@@ -270,7 +274,8 @@ impl Plan {
 /// `KILN_KNOBS` overrides the choice for experiments and tuning by hand:
 /// comma-separated `KNOB=VALUE` or `TEMPLATE.KNOB=VALUE` pins (e.g.
 /// `matmul_vec.WG=64,matmul_vec.ROWS=2`), applied to every template that
-/// has the knob and where the planner did not pin it itself.
+/// has the knob and where the planner did not pin it itself, or pinned it
+/// only as a speed choice ([`TUNING_KNOBS`]).
 pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
     let mut fixed = fixed.clone();
     if let Ok(pins) = std::env::var("KILN_KNOBS") {
@@ -285,7 +290,9 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
                 Some(_) => continue,
                 None => name,
             };
-            if t.knobs.iter().any(|k| k.name == knob) && !fixed.contains_key(knob) {
+            if t.knobs.iter().any(|k| k.name == knob)
+                && (!fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob))
+            {
                 fixed.insert(knob.to_string(), value.to_string());
             }
         }
