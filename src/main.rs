@@ -706,8 +706,8 @@ fn bench(
     if ctx.features.timestamps {
         let prof = b.profile_decode_step(next)?;
         let total: f64 = prof.iter().map(|p| p.1).sum();
-        let mut by: Vec<(String, f64, usize)> = Vec::new();
-        for (name, us) in prof {
+        let mut by: Vec<(String, f64, usize, u64)> = Vec::new();
+        for (name, us, bytes) in prof {
             // Group layers' copies of one variant: drop the fusion hash.
             let key = match name.rfind('-') {
                 Some(i) if name.contains(".fused-") => name[..i].to_string(),
@@ -716,15 +716,21 @@ fn bench(
             match by.iter_mut().find(|e| e.0 == key) {
                 Some(e) => {
                     e.1 += us;
-                    e.2 += 1
+                    e.2 += 1;
+                    e.3 += bytes
                 }
-                None => by.push((key, us, 1)),
+                None => by.push((key, us, 1, bytes)),
             }
         }
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("decode step GPU    {total:.0} µs in dispatches (timestamps, one pass each):");
-        for (name, us, n) in by.iter().take(8) {
-            println!("  {us:8.0} µs  {n:4}x  {name}");
+        println!("decode step GPU    {total:.0} µs in dispatches (timestamps, one pass each; GB/s of the weights each kernel reads):");
+        for (name, us, n, bytes) in by.iter().take(8) {
+            let rate = if *bytes > 0 && *us > 0.0 {
+                format!("{:6.0} GB/s", *bytes as f64 / us / 1e3)
+            } else {
+                " ".repeat(11)
+            };
+            println!("  {us:8.0} µs  {n:4}x  {rate}  {name}");
         }
     }
     let m = b.memory();

@@ -62,7 +62,9 @@ pub struct GpuBackend<'a> {
     times: StepTimes,
     /// When set, the next encoded step puts every dispatch in its own pass
     /// with GPU timestamps around it (kernel names recorded in order).
-    profiling: Option<(wgpu::QuerySet, Vec<String>)>,
+    /// While profiling: the query set, and per timed dispatch its kernel's
+    /// name and the weight bytes it binds.
+    profiling: Option<(wgpu::QuerySet, Vec<(String, u64)>)>,
     /// Dispatches per submitted command buffer ([`SUBMIT_EVERY`], or
     /// `KILN_SUBMIT_EVERY`).
     submit_every: usize,
@@ -316,10 +318,11 @@ impl<'a> GpuBackend<'a> {
     }
 
     /// Run one decode step with a GPU timestamp around every dispatch:
-    /// (kernel variant, microseconds) in launch order. Needs the adapter's
+    /// (kernel variant, microseconds, bytes of weights it reads: a decode
+    /// matmul's, else 0) in launch order. Needs the adapter's
     /// timestamp queries; each dispatch then runs in its own compute pass,
     /// so the sum is a little above a normal step's GPU time.
-    pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<(String, f64)>> {
+    pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<(String, f64, u64)>> {
         if !self.ctx.features.timestamps {
             return Err(Error::Gpu(
                 "profiling needs timestamp queries, which this adapter or feature set does not offer".into(),
@@ -361,9 +364,9 @@ impl<'a> GpuBackend<'a> {
         Ok(names
             .into_iter()
             .enumerate()
-            .map(|(i, name)| {
+            .map(|(i, (name, bytes))| {
                 let d = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
-                (name, d as f64 * period / 1e3)
+                (name, d as f64 * period / 1e3, bytes)
             })
             .collect())
     }
@@ -732,7 +735,12 @@ impl GpuBackend<'_> {
         let mut in_chunk = 0usize;
         for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             match l {
-                Launch::Kernel { kernel, groups, .. } => {
+                Launch::Kernel {
+                    kernel,
+                    groups,
+                    binds,
+                    ..
+                } => {
                     let Some((_, bg)) = bound else { continue };
                     // Submit what is recorded every SUBMIT_EVERY dispatches:
                     // the GPU starts on it while the rest is recorded.
@@ -774,7 +782,21 @@ impl GpuBackend<'_> {
                             p.set_pipeline(&st.kernels[*kernel].pipeline);
                             p.set_bind_group(0, bg, &[]);
                             p.dispatch_workgroups(gr[0], gr[1], gr[2]);
-                            names.push(st.plan.kernels[*kernel].name());
+                            // (A matmul reads all it binds; an embedding one row.)
+                            let reads_all = st.plan.kernels[*kernel].template == "matmul_vec";
+                            let weight_bytes = binds
+                                .iter()
+                                .filter(|_| reads_all)
+                                .filter_map(|b| match b {
+                                    Buf::Raw { weight, chunk } => {
+                                        let w = st.plan.weights.get(*weight)?;
+                                        let rows = w.chunks.get(*chunk)?.1;
+                                        Some((rows * w.row_bytes) as u64)
+                                    }
+                                    _ => None,
+                                })
+                                .sum();
+                            names.push((st.plan.kernels[*kernel].name(), weight_bytes));
                             continue;
                         }
                     }
