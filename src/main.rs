@@ -256,12 +256,12 @@ fn bind(m: &ModelArgs) -> Result<(Gguf, kiln::graph::BoundGraph)> {
 fn with_backend<R>(
     m: &ModelArgs,
     gpu: &GpuArgs,
-    model: &Model,
+    (gguf, bound): (&Gguf, &kiln::graph::BoundGraph),
     n_ctx: usize,
     f: &mut dyn FnMut(&mut dyn Backend) -> Result<R>,
 ) -> Result<R> {
     match m.backend {
-        BackendKind::Cpu => f(&mut Reference::new(&model.bound, &model.gguf, n_ctx)?),
+        BackendKind::Cpu => f(&mut Reference::new(bound, gguf, n_ctx)?),
         BackendKind::Gpu => {
             let ctx = GpuContext::new(&gpu.options()?)?;
             let progress = std::io::stderr().is_terminal();
@@ -271,8 +271,8 @@ fn with_backend<R>(
             );
             f(&mut GpuBackend::with_fusion(
                 &ctx,
-                &model.bound,
-                &model.gguf,
+                bound,
+                gguf,
                 n_ctx,
                 progress,
                 &m.fusion()?,
@@ -321,7 +321,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             let mut sampler = Sampler::new(temp, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
-            let (_, stats) = with_backend(&m, &cli.gpu, &model, m.ctx, &mut |backend| {
+            let model_ref = (&model.gguf, &model.bound);
+            let (_, stats) = with_backend(&m, &cli.gpu, model_ref, m.ctx, &mut |backend| {
                 print!("{prompt}");
                 generate(backend, &model.tokenizer, &ids, n, &mut sampler, &mut |s| {
                     print!("{s}");
@@ -346,15 +347,26 @@ fn run(cli: Cli) -> Result<()> {
             json,
             text,
         } => {
-            let model = load(&m)?;
-            let (ids, prompt) = match (tokens, text) {
-                (Some(t), _) => (t, None),
-                (None, Some(text)) => (model.tokenizer.encode(&text)?, Some(text)),
+            // Token ids need no vocabulary (a `kiln synth` model has none).
+            let (gguf, bound, ids, prompt) = match (tokens, text) {
+                (Some(t), _) => {
+                    let (gguf, bound) = bind(&m)?;
+                    (gguf, bound, t, None)
+                }
+                (None, Some(text)) => {
+                    let model = load(&m)?;
+                    let ids = model.tokenizer.encode(&text)?;
+                    (model.gguf, model.bound, ids, Some(text))
+                }
                 (None, None) => return Err(Error::Input("give text or --tokens 1,2,3".into())),
             };
-            let logits = with_backend(&m, &cli.gpu, &model, m.ctx.max(ids.len()), &mut |b| {
-                b.forward(&ids, false)
-            })?;
+            let logits = with_backend(
+                &m,
+                &cli.gpu,
+                (&gguf, &bound),
+                m.ctx.max(ids.len()),
+                &mut |b| b.forward(&ids, false),
+            )?;
             let rows: Vec<_> = (0..logits.rows())
                 .map(|r| summarize(r, logits.row(r), top))
                 .collect();

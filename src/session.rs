@@ -60,7 +60,7 @@ impl Model {
             return Err(Error::Input(format!(
                 "{} has no vocabulary (no tokenizer.ggml.* metadata; `kiln synth` writes none): \
                  commands that read or write text need a converted model; `kiln bench`, \
-                 `kiln plan` and `kiln kernels` run without one",
+                 `kiln plan`, `kiln kernels` and `kiln eval --tokens` run without one",
                 path.display()
             )));
         }

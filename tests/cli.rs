@@ -137,5 +137,46 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         kernels.lines().any(|l| l.ends_with(".wgsl")),
         "kernels printed: {kernels}"
     );
+    // eval with token ids needs no vocabulary either: the GPU's logits
+    // match the CPU reference's on the synthetic model.
+    let eval = |backend: &str| -> serde_json::Value {
+        let text = ok(
+            kiln()
+                .args([
+                    "eval",
+                    "--json",
+                    "--top",
+                    "3",
+                    "--tokens",
+                    "1,2,3,4",
+                    "--backend",
+                    backend,
+                    "--model",
+                ])
+                .arg(&model),
+            "eval",
+        );
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("eval --json printed {text}: {e}"))
+    };
+    let (gpu, cpu) = (eval("gpu"), eval("cpu"));
+    let rows = |v: &serde_json::Value| {
+        v["cases"][0]["logits"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    let (g, c) = (rows(&gpu), rows(&cpu));
+    assert_eq!(g.len(), 4, "{gpu}");
+    assert_eq!(c.len(), 4, "{cpu}");
+    for (a, b) in g.iter().zip(&c) {
+        let top = |r: &serde_json::Value, i: usize| r["top"][i][1].as_f64().unwrap_or(f64::NAN);
+        for i in 0..3 {
+            let (x, y) = (top(a, i), top(b, i));
+            assert!(
+                (x - y).abs() <= 1e-3 * (1.0 + y.abs()),
+                "top {i} logit: GPU {x} vs CPU {y}\n{a}\n{b}"
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
