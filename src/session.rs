@@ -64,7 +64,12 @@ impl Model {
                 path.display()
             )));
         }
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let mut tokenizer = Tokenizer::from_gguf(&gguf)?;
+        for text in &bound.stop_tokens {
+            if let Some(id) = tokenizer.token_id(text) {
+                tokenizer.add_eog(id)?;
+            }
+        }
         Ok(Model {
             gguf,
             bound,

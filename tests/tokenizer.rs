@@ -584,3 +584,28 @@ fn metadata_errors_name_the_key() {
         "{msg}"
     );
 }
+
+/// A graph's `stop_tokens` end generation too: Gemma 3's chat turns end
+/// with `<end_of_turn>`, which its metadata names only as a control token.
+#[test]
+fn graph_stop_tokens_end_generation() {
+    let path = models_dir().join("gemma-3-270m-q4_k_m.gguf");
+    let plain = gemma();
+    let eot = plain
+        .token_id("<end_of_turn>")
+        .expect("Gemma 3's vocabulary has <end_of_turn>");
+    assert!(
+        !plain.is_eog(eot),
+        "the metadata alone already stops at <end_of_turn>: the graph's stop_tokens test nothing"
+    );
+    let model = kiln::session::Model::load(&path, None).expect("gemma 3 loads");
+    assert_eq!(model.bound.stop_tokens, ["<end_of_turn>"]);
+    assert!(
+        model.tokenizer.is_eog(eot),
+        "<end_of_turn> ({eot}) does not end generation"
+    );
+    // The metadata's own end tokens still do.
+    for &id in plain.eog_ids() {
+        assert!(model.tokenizer.is_eog(id), "{id} no longer ends generation");
+    }
+}

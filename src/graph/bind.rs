@@ -89,6 +89,7 @@ pub fn bind(graph: &Graph, gguf: &Gguf) -> Result<BoundGraph, GraphError> {
             output: 0,
             vocab: 0,
             max_context: 0,
+            stop_tokens: Vec::new(),
         },
         steps: 0,
     };
@@ -106,6 +107,7 @@ pub fn bind(graph: &Graph, gguf: &Gguf) -> Result<BoundGraph, GraphError> {
         }
         b.vars.push((name.text.clone(), v));
     }
+    b.out.stop_tokens = file.stop_tokens.iter().map(|t| t.text.clone()).collect();
     b.out.max_context = match &file.max_context {
         Some(e) => b.usize(e, "max_context")?,
         None => usize::MAX,

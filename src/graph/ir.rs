@@ -217,6 +217,8 @@ pub struct BoundGraph {
     pub vocab: usize,
     /// Longest context the architecture supports.
     pub max_context: usize,
+    /// Token texts that also end generation, where the vocabulary has them.
+    pub stop_tokens: Vec<String>,
 }
 
 impl BoundGraph {

@@ -17,6 +17,10 @@ pub struct GraphFile {
     /// Longest context the architecture supports (an expression).
     #[serde(default)]
     pub max_context: Option<Ex>,
+    /// Token texts that also end generation where the vocabulary has them
+    /// (an end-of-turn marker the GGUF metadata does not name).
+    #[serde(default)]
+    pub stop_tokens: Vec<Str>,
     /// Statements, run in order.
     pub body: Vec<Stmt>,
     /// The name of the value that holds the logits.
@@ -365,6 +369,9 @@ impl Walk for GraphFile {
         }
         if let Some(e) = &mut self.max_context {
             f(Item::Ex(e));
+        }
+        for t in &mut self.stop_tokens {
+            f(Item::Name(t));
         }
         self.body.walk(f);
         f(Item::Name(&mut self.output));
