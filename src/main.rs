@@ -233,23 +233,23 @@ fn main() -> ExitCode {
     }
 }
 
+/// The model file `m` names, else the default one.
+fn model_path(m: &ModelArgs) -> Result<PathBuf> {
+    match &m.model {
+        Some(p) => Ok(p.clone()),
+        None => default_model(),
+    }
+}
+
 fn load(m: &ModelArgs) -> Result<Model> {
-    let path = match &m.model {
-        Some(p) => p.clone(),
-        None => default_model()?,
-    };
-    Model::load(&path, m.graph.as_deref())
+    Model::load(&model_path(m)?, m.graph.as_deref())
 }
 
 /// The model's file and bound graph without its tokenizer: enough for
-/// commands that never see text (plan, kernels, bench), so they also work on
-/// `kiln synth` models, which carry no vocabulary.
+/// commands that never see text (plan, kernels, bench, eval --tokens), so
+/// they also work on `kiln synth` models, which carry no vocabulary.
 fn bind(m: &ModelArgs) -> Result<(Gguf, kiln::graph::BoundGraph)> {
-    let path = match &m.model {
-        Some(p) => p.clone(),
-        None => default_model()?,
-    };
-    kiln::session::bind_model(&path, m.graph.as_deref())
+    kiln::session::bind_model(&model_path(m)?, m.graph.as_deref())
 }
 
 /// Run `f` with the backend `m` asks for.
@@ -597,11 +597,6 @@ fn bench(
 ) -> Result<()> {
     use std::time::Instant;
     let (gguf, bound) = bind(m)?;
-    struct M {
-        gguf: Gguf,
-        bound: kiln::graph::BoundGraph,
-    }
-    let model = M { gguf, bound };
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
     let chain = [1u32, 1024].map(|g| kiln::exec::bench::dispatch_cost(&ctx, g, 3));
@@ -610,15 +605,13 @@ fn bench(
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
-            let plans = kiln::plan::stream::from_json(&model.bound, &text)?;
+            let plans = kiln::plan::stream::from_json(&bound, &text)?;
             eprintln!("replaying the stream {}", p.display());
-            GpuBackend::with_plans(&ctx, &model.bound, &model.gguf, n_ctx, false, plans)?
+            GpuBackend::with_plans(&ctx, &bound, &gguf, n_ctx, false, plans)?
         }
-        None => {
-            GpuBackend::with_fusion(&ctx, &model.bound, &model.gguf, n_ctx, false, &m.fusion()?)?
-        }
+        None => GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &m.fusion()?)?,
     };
-    let vocab = model.bound.vocab as u64;
+    let vocab = bound.vocab as u64;
     // Deterministic pseudo-random prompt ids.
     let ids: Vec<u32> = (0..prefill as u64)
         .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
@@ -652,11 +645,10 @@ fn bench(
         }
     };
     let _ = logits;
-    let weight_bytes: u64 = model
-        .bound
+    let weight_bytes: u64 = bound
         .weights
         .iter()
-        .filter_map(|w| model.gguf.tensor(&w.name))
+        .filter_map(|w| gguf.tensor(&w.name))
         .map(|t| t.size)
         .sum();
     let per_tok = decode_s / decode.max(1) as f64;

@@ -783,19 +783,22 @@ impl GpuBackend<'_> {
                             p.set_bind_group(0, bg, &[]);
                             p.dispatch_workgroups(gr[0], gr[1], gr[2]);
                             // (A matmul reads all it binds; an embedding one row.)
-                            let reads_all = st.plan.kernels[*kernel].template == "matmul_vec";
-                            let weight_bytes = binds
-                                .iter()
-                                .filter(|_| reads_all)
-                                .filter_map(|b| match b {
-                                    Buf::Raw { weight, chunk } => {
-                                        let w = st.plan.weights.get(*weight)?;
-                                        let rows = w.chunks.get(*chunk)?.1;
-                                        Some((rows * w.row_bytes) as u64)
-                                    }
-                                    _ => None,
-                                })
-                                .sum();
+                            let weight_bytes = if st.plan.kernels[*kernel].template == "matmul_vec"
+                            {
+                                binds
+                                    .iter()
+                                    .filter_map(|b| match b {
+                                        Buf::Raw { weight, chunk } => {
+                                            let w = st.plan.weights.get(*weight)?;
+                                            let rows = w.chunks.get(*chunk)?.1;
+                                            Some((rows * w.row_bytes) as u64)
+                                        }
+                                        _ => None,
+                                    })
+                                    .sum()
+                            } else {
+                                0
+                            };
                             names.push((st.plan.kernels[*kernel].name(), weight_bytes));
                             continue;
                         }
