@@ -622,16 +622,18 @@ fn bench(
     let t = Instant::now();
     let logits = b.forward(&ids, true)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    // Decode: greedy steps after an 8-token prompt (the argmax runs on the
-    // GPU; each step reads back one token id).
+    // Decode: greedy steps after an 8-token prompt, as `kiln run` decodes
+    // (the argmax runs on the GPU, each step reads back one token id and
+    // the next step is queued before it is read).
     b.reset();
     let mut next = b.forward_greedy(&ids[..8.min(ids.len())])?;
     next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
     b.take_step_times();
     let t = Instant::now();
-    for _ in 0..decode {
-        next = b.forward_greedy(&[next])?;
-    }
+    b.decode_greedy(next, decode, &mut |t| {
+        next = t;
+        Ok(true)
+    })?;
     let decode_s = t.elapsed().as_secs_f64();
     let times = b.take_step_times();
     // The roof once more, with the GPU's clocks up from the timing: one
@@ -727,8 +729,13 @@ fn bench(
             }
         }
         by.sort_by(|a, b| b.1.total_cmp(&a.1));
-        println!("decode step GPU    {total:.0} µs in dispatches (timestamps, one pass each; GB/s of the weights each kernel reads):");
-        for (name, us, n, bytes) in by.iter().take(8) {
+        let how = if ctx.timestamps_in_passes {
+            "timestamps between the dispatches, barriers included"
+        } else {
+            "timestamps, one pass each"
+        };
+        println!("decode step GPU    {total:.0} µs in dispatches ({how}; GB/s of the weights each kernel reads):");
+        for (name, us, n, bytes) in by.iter().take(10) {
             let rate = if *bytes > 0 && *us > 0.0 {
                 format!("{:6.0} GB/s", *bytes as f64 / us / 1e3)
             } else {

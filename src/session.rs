@@ -111,6 +111,27 @@ pub trait Backend {
             .copied()
             .unwrap_or(0) as u32)
     }
+    /// Greedy decode after `first` (the token at the next position): each
+    /// step's argmax is the next step's token, for at most `n` steps;
+    /// `on_token` gets each new token and returns whether to go on. A
+    /// backend may compute steps ahead of `on_token` (the GPU runs one
+    /// ahead); the position afterwards is that of the last token handed
+    /// out.
+    fn decode_greedy(
+        &mut self,
+        first: u32,
+        n: usize,
+        on_token: &mut dyn FnMut(u32) -> Result<bool>,
+    ) -> Result<()> {
+        let mut next = first;
+        for _ in 0..n {
+            next = self.forward_greedy(&[next])?;
+            if !on_token(next)? {
+                break;
+            }
+        }
+        Ok(())
+    }
     /// Forget the KV cache.
     fn reset(&mut self);
     /// Context length in positions.
@@ -253,20 +274,33 @@ pub fn generate(
     }
     stats.prompt_time = t0.elapsed();
     let t1 = Instant::now();
-    for step in 0..n {
-        let next = match &logits {
-            Some(l) => sampler.sample(l.row(l.rows() - 1)),
-            None => next_greedy,
-        };
-        out.push(next);
-        if tokenizer.is_eog(next) {
-            break;
+    if greedy {
+        // The first token came with the prompt; the rest from the backend's
+        // greedy loop (which may run a step ahead of the text).
+        if n > 0 {
+            out.push(next_greedy);
+            if !tokenizer.is_eog(next_greedy) {
+                emit(&decoder.push(next_greedy)?);
+                backend.decode_greedy(next_greedy, n - 1, &mut |t| {
+                    out.push(t);
+                    if tokenizer.is_eog(t) {
+                        return Ok(false);
+                    }
+                    emit(&decoder.push(t)?);
+                    Ok(true)
+                })?;
+            }
         }
-        emit(&decoder.push(next)?);
-        if step + 1 < n {
-            if greedy {
-                next_greedy = backend.forward_greedy(&[next])?;
-            } else {
+    } else {
+        for step in 0..n {
+            let Some(l) = &logits else { break };
+            let next = sampler.sample(l.row(l.rows() - 1));
+            out.push(next);
+            if tokenizer.is_eog(next) {
+                break;
+            }
+            emit(&decoder.push(next)?);
+            if step + 1 < n {
                 logits = Some(backend.forward(&[next], true)?);
             }
         }

@@ -614,7 +614,10 @@ fn templates_cover_every_supported_dtype() {
 /// 1); default all): every (WG, ROWS, SUBGROUPS, F16) variant prints a
 /// line, then one summary line per shape, dtype and mode gives the
 /// fastest. `KILN_SPEED_DTYPES=Q4_0,Q4_K` limits the dtypes;
-/// `KILN_SPEED_TILED=0` skips matmul_tiled.
+/// `KILN_SPEED_TILED=0` skips matmul_tiled. The dispatches of a timing run
+/// share one compute pass, so weights that fit the GPU's last-level cache
+/// (50 MB on an H200) are read from it after the first: choose shapes
+/// larger than the cache for memory bandwidth.
 #[test]
 #[ignore]
 fn print_speed() {
@@ -622,10 +625,17 @@ fn print_speed() {
     let ctx = gpu_contexts().pop().expect("all features");
     let reps = 100u32;
     let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| -> f64 {
+        // All in one compute pass, as a decode step runs them: on the H200
+        // a pass of its own costs ~15 µs more per dispatch.
         let run = |n: u32| {
             let mut enc = ctx.device.create_command_encoder(&Default::default());
-            for _ in 0..n {
-                k.dispatch(&mut enc, bind, groups);
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for _ in 0..n {
+                    pass.set_pipeline(&k.pipeline);
+                    pass.set_bind_group(0, bind, &[]);
+                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
             }
             let t0 = std::time::Instant::now();
             ctx.queue.submit([enc.finish()]);

@@ -42,3 +42,66 @@ fn decode_steps_create_no_gpu_objects() {
     }
     assert_eq!(ids, want, "GPU greedy ids differ from the CPU reference's");
 }
+
+/// Greedy decode run a step ahead (each step's token the argmax of the step
+/// before, copied on the GPU) gives the CPU reference's ids, creates no GPU
+/// object, and when stopped early leaves the position after the last token
+/// handed out: decoding on step by step from there continues the sequence.
+#[test]
+fn greedy_decode_run_ahead_matches_the_reference() {
+    let (g, b) = common::tiny_model("llama", 2, 5);
+    let prompt = [3, 1, 4, 1, 5];
+    let mut cpu = kiln::reference::Reference::new(&b, &g, 64).unwrap();
+    let first = cpu.forward_greedy(&prompt).unwrap();
+    let mut want = Vec::new();
+    let mut c = first;
+    for _ in 0..24 {
+        c = cpu.forward_greedy(&[c]).unwrap();
+        want.push(c);
+    }
+    let mut distinct = want.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 3,
+        "the reference repeats itself ({want:?}): a stale token would go unseen"
+    );
+
+    let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
+        .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh"));
+    let mut gpu = GpuBackend::new(&ctx, &b, &g, 64, false).unwrap();
+    assert_eq!(gpu.forward_greedy(&prompt).unwrap(), first);
+    let mut got = Vec::new();
+    gpu.decode_greedy(first, 24, &mut |t| {
+        got.push(t);
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(
+        got, want,
+        "run-ahead greedy ids differ from the reference's"
+    );
+
+    // Stopped after 5 tokens (one step was in flight), then step by step;
+    // the decode bucket is warm now, so nothing may be created.
+    gpu.reset();
+    assert_eq!(gpu.forward_greedy(&prompt).unwrap(), first);
+    let before = objects_created();
+    let mut got = Vec::new();
+    gpu.decode_greedy(first, 24, &mut |t| {
+        got.push(t);
+        Ok(got.len() < 5)
+    })
+    .unwrap();
+    let mut next = *got.last().unwrap();
+    while got.len() < want.len() {
+        next = gpu.forward_greedy(&[next]).unwrap();
+        got.push(next);
+    }
+    assert_eq!(got, want, "decoding on after an early stop went wrong");
+    assert_eq!(
+        objects_created(),
+        before,
+        "run-ahead decode created GPU objects"
+    );
+}

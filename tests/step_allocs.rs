@@ -29,7 +29,9 @@ thread_local! {
 }
 
 fn record() {
-    if !ON.load(Ordering::Relaxed) {
+    // (Not while a thread panics: the panic hook holds the backtrace lock
+    // and allocates, and capturing a backtrace then would deadlock.)
+    if !ON.load(Ordering::Relaxed) || std::thread::panicking() {
         return;
     }
     let _ = BUSY.try_with(|b| {
@@ -120,7 +122,7 @@ fn decode_steps_allocate_nothing_in_kiln() {
     let (g, b) = common::tiny_model("llama", 2, 5);
     let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
         .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh"));
-    let mut gpu = GpuBackend::new(&ctx, &b, &g, 64, false).unwrap();
+    let mut gpu = GpuBackend::new(&ctx, &b, &g, 96, false).unwrap();
     // Warm-up: prefill and a few greedy steps.
     let mut next = gpu.forward_greedy(&[3, 1, 4, 1, 5]).unwrap();
     for _ in 0..3 {
@@ -132,6 +134,12 @@ fn decode_steps_allocate_nothing_in_kiln() {
         next = gpu.forward_greedy(&[next]).unwrap();
         *id = next;
     }
+    // And 32 more as `kiln run` decodes: a step run ahead of the readback.
+    gpu.decode_greedy(next, 32, &mut |t| {
+        next = t;
+        Ok(true)
+    })
+    .unwrap();
     ON.store(false, Ordering::SeqCst);
     let traces = std::mem::take(&mut *TRACES.lock().unwrap());
     let mut kiln = Vec::new();
@@ -145,7 +153,7 @@ fn decode_steps_allocate_nothing_in_kiln() {
         }
     }
     eprintln!(
-        "{} allocations in 32 decode steps; outside kiln by first owner frame:",
+        "{} allocations in 64 decode steps; outside kiln by first owner frame:",
         traces.len()
     );
     for (o, n) in &others {
@@ -154,7 +162,7 @@ fn decode_steps_allocate_nothing_in_kiln() {
     assert!(ids.iter().all(|&i| (i as usize) < b.vocab));
     assert!(
         kiln.is_empty(),
-        "{} heap allocations in kiln's own code during 32 decode steps; first:\n{}",
+        "{} heap allocations in kiln's own code during 64 decode steps; first:\n{}",
         kiln.len(),
         kiln.first().map(|k| k.1.as_str()).unwrap_or("")
     );

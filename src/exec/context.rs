@@ -464,6 +464,11 @@ pub struct GpuContext {
     pub limits: KilnLimits,
     /// What the adapter offers, before the request narrowed it.
     pub offered: FeatureSet,
+    /// Timestamps may be written between the dispatches of one compute
+    /// pass (wgpu `TIMESTAMP_QUERY_INSIDE_PASSES`, requested with
+    /// `features.timestamps` where the adapter offers it): profiles then time
+    /// each dispatch inside the step's own passes.
+    pub timestamps_in_passes: bool,
     /// Uncaptured errors and device loss, newest last, not yet taken.
     errors: Arc<Mutex<Vec<String>>>,
 }
@@ -491,9 +496,18 @@ impl GpuContext {
         let (adapter, summary) = all.swap_remove(i);
         let features = summary.offered.restrict(request);
         let required_limits = KilnLimits::request(&adapter.limits());
+        // Changes no kernel, so it is not part of the feature set.
+        let timestamps_in_passes = features.timestamps
+            && adapter
+                .features()
+                .contains(wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES);
+        let mut required_features = features.wgpu_features();
+        if timestamps_in_passes {
+            required_features |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        }
         let desc = wgpu::DeviceDescriptor {
             label: Some("kiln"),
-            required_features: features.wgpu_features(),
+            required_features,
             required_limits,
             ..Default::default()
         };
@@ -541,6 +555,7 @@ impl GpuContext {
             features,
             limits,
             offered: summary.offered,
+            timestamps_in_passes,
             errors,
         })
     }

@@ -24,6 +24,19 @@ struct WeightBufs {
     f32: Option<wgpu::Buffer>,
 }
 
+/// A profiled step's timestamps: with `in_pass`, query 0 is written before
+/// the first dispatch and query i + 1 after dispatch i, all inside the
+/// step's usual passes (each dispatch's time is then what it adds to the
+/// stream, its barrier included); else each dispatch runs in its own pass
+/// with queries 2i and 2i + 1 at its start and end (a pass costs more than
+/// a barrier, so small kernels look slower than they are).
+struct Profiling {
+    queries: wgpu::QuerySet,
+    in_pass: bool,
+    /// Per timed dispatch: its kernel's name and the weight bytes it binds.
+    names: Vec<(String, u64)>,
+}
+
 struct BucketState {
     plan: Plan,
     kernels: Vec<Kernel>,
@@ -60,11 +73,8 @@ pub struct GpuBackend<'a> {
     staging: Option<(wgpu::Buffer, u64)>,
     /// Where greedy decode steps spent their time on the host.
     times: StepTimes,
-    /// When set, the next encoded step puts every dispatch in its own pass
-    /// with GPU timestamps around it (kernel names recorded in order).
-    /// While profiling: the query set, and per timed dispatch its kernel's
-    /// name and the weight bytes it binds.
-    profiling: Option<(wgpu::QuerySet, Vec<(String, u64)>)>,
+    /// When set, the next encoded step is timed dispatch by dispatch.
+    profiling: Option<Profiling>,
     /// Dispatches per submitted command buffer ([`SUBMIT_EVERY`], or
     /// `KILN_SUBMIT_EVERY`).
     submit_every: usize,
@@ -75,7 +85,19 @@ pub struct GpuBackend<'a> {
     argmax: Kernel,
     argmax_out: wgpu::Buffer,
     argmax_params: wgpu::Buffer,
+    /// Readback slots of the greedy steps run ahead ([`Backend::decode_greedy`]):
+    /// each in-flight step copies its token id into its own slot.
+    ahead_staging: [wgpu::Buffer; AHEAD],
+    /// In-flight greedy steps, oldest first: slot and submission.
+    ahead: std::collections::VecDeque<(usize, wgpu::SubmissionIndex)>,
+    /// The slot the next greedy step run ahead copies its token into.
+    ahead_next: usize,
 }
+
+/// Greedy decode steps in flight at most: one computing while the next is
+/// queued behind it, so the GPU never waits for the host to read a token
+/// and encode the next step.
+const AHEAD: usize = 2;
 
 /// Host time of greedy decode steps, summed since the last reset.
 #[derive(Debug, Clone, Copy, Default)]
@@ -309,6 +331,17 @@ impl<'a> GpuBackend<'a> {
             argmax,
             argmax_out: zeros(1, "argmax"),
             argmax_params: kernel::uniform(ctx, "argmax params", &[1, graph.vocab as u32]),
+            ahead_staging: std::array::from_fn(|_| {
+                created(1);
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("greedy token readback"),
+                    size: 4,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            }),
+            ahead: std::collections::VecDeque::with_capacity(AHEAD),
+            ahead_next: 0,
         })
     }
 
@@ -317,11 +350,12 @@ impl<'a> GpuBackend<'a> {
         self.buckets[0].plan.dispatches()
     }
 
-    /// Run one decode step with a GPU timestamp around every dispatch:
+    /// Run one decode step with GPU timestamps between its dispatches:
     /// (kernel variant, microseconds, bytes of weights it reads: a decode
-    /// matmul's, else 0) in launch order. Needs the adapter's
-    /// timestamp queries; each dispatch then runs in its own compute pass,
-    /// so the sum is a little above a normal step's GPU time.
+    /// matmul's, else 0) in launch order. Needs the adapter's timestamp
+    /// queries. Where it offers them inside passes (see [`Profiling`]) the
+    /// times add up to the step's GPU time; else each dispatch runs in its
+    /// own pass and the sum is above it.
     pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<(String, f64, u64)>> {
         if !self.ctx.features.timestamps {
             return Err(Error::Gpu(
@@ -329,33 +363,45 @@ impl<'a> GpuBackend<'a> {
             ));
         }
         let n = self.buckets[0].plan.launches.len() as u32 * 2;
-        let qs = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        let queries = self.ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("profile"),
             ty: wgpu::QueryType::Timestamp,
             count: n.max(2),
         });
-        self.profiling = Some((qs, Vec::new()));
+        let in_pass = self.ctx.timestamps_in_passes;
+        self.profiling = Some(Profiling {
+            queries,
+            in_pass,
+            names: Vec::new(),
+        });
         let r = self.encode_step(&[token]);
-        let (qs, names) = self
+        let Profiling { queries, names, .. } = self
             .profiling
             .take()
             .ok_or_else(|| Error::Gpu("profiling state lost".into()))?;
         let (mut enc, _) = r?;
-        let bytes = (names.len() * 16) as u64;
+        let used = if names.is_empty() {
+            0
+        } else if in_pass {
+            names.len() + 1
+        } else {
+            names.len() * 2
+        };
+        let bytes = (used * 8) as u64;
         let resolve = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("timestamps"),
             size: bytes.max(16),
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        enc.resolve_query_set(&qs, 0..(names.len() as u32 * 2), &resolve, 0);
-        self.staging(bytes)?;
+        enc.resolve_query_set(&queries, 0..used as u32, &resolve, 0);
+        self.staging(bytes.max(16))?;
         let Some((staging, _)) = &self.staging else {
             return Err(Error::Gpu("no readback buffer".into()));
         };
         enc.copy_buffer_to_buffer(&resolve, 0, staging, 0, bytes);
         self.ctx.queue.submit([enc.finish()]);
-        let words = kernel::read_mapped(self.ctx, staging, names.len() * 4)?;
+        let words = kernel::read_mapped(self.ctx, staging, used * 2)?;
         let period = self.ctx.queue.get_timestamp_period() as f64;
         let ticks: Vec<u64> = words
             .chunks(2)
@@ -365,7 +411,12 @@ impl<'a> GpuBackend<'a> {
             .into_iter()
             .enumerate()
             .map(|(i, (name, bytes))| {
-                let d = ticks[2 * i + 1].saturating_sub(ticks[2 * i]);
+                let (a, b) = if in_pass {
+                    (i, i + 1)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let d = ticks[b].saturating_sub(ticks[a]);
                 (name, d as f64 * period / 1e3, bytes)
             })
             .collect())
@@ -664,12 +715,13 @@ fn resolve<'b>(
     }
 }
 
-/// Dispatches per submitted command buffer within a step. wgpu does most of
-/// a dispatch's CPU work (~2 µs on the H200 machine) when the command
-/// buffer is finished and submitted, and the GPU starts only then: one
-/// buffer for a 300-dispatch step kept the GPU idle for ~0.7 ms per token.
-/// Not on CPU adapters (one buffer per step there). `KILN_SUBMIT_EVERY=N`
-/// overrides it (experiments).
+/// Dispatches per submitted command buffer within a step when the GPU is
+/// idle. wgpu does most of a dispatch's CPU work (~2 µs on the H200 machine)
+/// when the command buffer is finished and submitted, and the GPU starts
+/// only then: one buffer for a 300-dispatch step kept the GPU idle for
+/// ~0.7 ms per token. Not on CPU adapters (one buffer per step there), nor
+/// for a greedy step queued behind another (the GPU has work meanwhile).
+/// `KILN_SUBMIT_EVERY=N` overrides it (experiments).
 pub const SUBMIT_EVERY: usize = 32;
 
 impl GpuBackend<'_> {
@@ -678,12 +730,33 @@ impl GpuBackend<'_> {
     /// dispatches (not while profiling). Returns the encoder holding the
     /// rest, unsubmitted, and the bucket index.
     fn encode_step(&mut self, tokens: &[u32]) -> Result<(wgpu::CommandEncoder, usize)> {
+        self.encode_step_from(tokens, false, false)
+    }
+
+    /// As [`Self::encode_step`]; with `after_argmax` the one token is the
+    /// greedy argmax of the step before, copied on the GPU (`tokens` is then
+    /// only its length, one); with `greedy` the argmax of the last logits
+    /// row ends the step (in its last pass: a pass of its own costs more).
+    fn encode_step_from(
+        &mut self,
+        tokens: &[u32],
+        after_argmax: bool,
+        greedy: bool,
+    ) -> Result<(wgpu::CommandEncoder, usize)> {
         let g = self.graph;
         let t = tokens.len();
         if t == 0 {
             return Err(Error::Input("no tokens to run".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= g.vocab) {
+        if after_argmax && t != 1 {
+            return Err(Error::Input(
+                "a step after the greedy argmax runs one token".into(),
+            ));
+        }
+        if let Some(&bad) = tokens
+            .iter()
+            .find(|&&x| !after_argmax && x as usize >= g.vocab)
+        {
             return Err(Error::Input(format!(
                 "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..{})",
                 g.vocab,
@@ -710,8 +783,10 @@ impl GpuBackend<'_> {
             dummy: &self.dummy,
         };
         let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
-        ctx.queue
-            .write_buffer(tok_buf, tok_off, bytemuck::cast_slice(tokens));
+        if !after_argmax {
+            ctx.queue
+                .write_buffer(tok_buf, tok_off, bytemuck::cast_slice(tokens));
+        }
         // This step's uniform words, all launches at once.
         for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             if let (Launch::Kernel { params, .. }, Some((slot, _))) = (l, bound) {
@@ -731,8 +806,16 @@ impl GpuBackend<'_> {
             .write_buffer(ubuf, 0, bytemuck::cast_slice(&st.words));
         let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
         let mut enc = ctx.device.create_command_encoder(&Default::default());
+        if after_argmax {
+            // The argmax is always in range (it indexes the logits).
+            enc.copy_buffer_to_buffer(&self.argmax_out, 0, tok_buf, tok_off, 4);
+        }
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         let mut in_chunk = 0usize;
+        // Behind a step still in flight the GPU is busy: one submission
+        // (each command buffer and pass boundary costs the GPU ~15 µs on
+        // the H200); else chunks, so that it starts early.
+        let chunked = self.ahead.is_empty() && self.profiling.is_none();
         for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             match l {
                 Launch::Kernel {
@@ -744,7 +827,7 @@ impl GpuBackend<'_> {
                     let Some((_, bg)) = bound else { continue };
                     // Submit what is recorded every SUBMIT_EVERY dispatches:
                     // the GPU starts on it while the rest is recorded.
-                    if in_chunk == self.submit_every && self.profiling.is_none() {
+                    if in_chunk == self.submit_every && chunked {
                         pass = None;
                         let full = std::mem::replace(
                             &mut enc,
@@ -767,21 +850,9 @@ impl GpuBackend<'_> {
                     }
                     let mut gr = kernel::spread(count as u32, max_dim);
                     gr[2] = z as u32;
-                    if let Some((qs, names)) = &mut self.profiling {
-                        let i = names.len() as u32;
-                        if 2 * i + 1 < qs.count() {
-                            pass = None;
-                            let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                                label: None,
-                                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                                    query_set: qs,
-                                    beginning_of_pass_write_index: Some(2 * i),
-                                    end_of_pass_write_index: Some(2 * i + 1),
-                                }),
-                            });
-                            p.set_pipeline(&st.kernels[*kernel].pipeline);
-                            p.set_bind_group(0, bg, &[]);
-                            p.dispatch_workgroups(gr[0], gr[1], gr[2]);
+                    if let Some(prof) = &mut self.profiling {
+                        let i = prof.names.len() as u32;
+                        if 2 * i + 1 < prof.queries.count() {
                             // (A matmul reads all it binds; an embedding one row.)
                             let weight_bytes = if st.plan.kernels[*kernel].template == "matmul_vec"
                             {
@@ -799,7 +870,34 @@ impl GpuBackend<'_> {
                             } else {
                                 0
                             };
-                            names.push((st.plan.kernels[*kernel].name(), weight_bytes));
+                            prof.names
+                                .push((st.plan.kernels[*kernel].name(), weight_bytes));
+                            if prof.in_pass {
+                                let p = pass.get_or_insert_with(|| {
+                                    enc.begin_compute_pass(&Default::default())
+                                        .forget_lifetime()
+                                });
+                                if i == 0 {
+                                    p.write_timestamp(&prof.queries, 0);
+                                }
+                                p.set_pipeline(&st.kernels[*kernel].pipeline);
+                                p.set_bind_group(0, bg, &[]);
+                                p.dispatch_workgroups(gr[0], gr[1], gr[2]);
+                                p.write_timestamp(&prof.queries, i + 1);
+                            } else {
+                                pass = None;
+                                let mut p = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                                    label: None,
+                                    timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                                        query_set: &prof.queries,
+                                        beginning_of_pass_write_index: Some(2 * i),
+                                        end_of_pass_write_index: Some(2 * i + 1),
+                                    }),
+                                });
+                                p.set_pipeline(&st.kernels[*kernel].pipeline);
+                                p.set_bind_group(0, bg, &[]);
+                                p.dispatch_workgroups(gr[0], gr[1], gr[2]);
+                            }
                             continue;
                         }
                     }
@@ -834,9 +932,107 @@ impl GpuBackend<'_> {
                 }
             }
         }
+        if greedy {
+            let Some(bg) = &st.greedy else {
+                return Err(Error::Gpu("the greedy argmax was not bound".into()));
+            };
+            let p = pass.get_or_insert_with(|| {
+                enc.begin_compute_pass(&Default::default())
+                    .forget_lifetime()
+            });
+            p.set_pipeline(&self.argmax.pipeline);
+            p.set_bind_group(0, bg, &[]);
+            p.dispatch_workgroups(1, 1, 1);
+        }
         drop(pass);
         self.pos += t;
         Ok((enc, b))
+    }
+
+    /// Encode a one-token step with the greedy argmax after it, copy the
+    /// token id into `slot` of the run-ahead readbacks (None: the
+    /// readback buffer) and submit. Returns when the encoding ended and the
+    /// submission.
+    fn submit_greedy(
+        &mut self,
+        tokens: &[u32],
+        after_argmax: bool,
+        slot: Option<usize>,
+    ) -> Result<(std::time::Instant, wgpu::SubmissionIndex)> {
+        let (mut enc, _) = self.encode_step_from(tokens, after_argmax, true)?;
+        self.staging(4)?;
+        let staging = match (slot, &self.staging) {
+            (Some(i), _) => &self.ahead_staging[i],
+            (None, Some((s, _))) => s,
+            (None, None) => return Err(Error::Gpu("no readback buffer".into())),
+        };
+        enc.copy_buffer_to_buffer(&self.argmax_out, 0, staging, 0, 4);
+        let t = std::time::Instant::now();
+        Ok((t, self.ctx.queue.submit([enc.finish()])))
+    }
+
+    /// Submit the next greedy step run ahead: its token is `token`, or
+    /// with None the argmax of the step submitted before.
+    fn push_ahead(&mut self, token: Option<u32>) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let slot = self.ahead_next;
+        let (t1, index) = match token {
+            Some(tok) => self.submit_greedy(&[tok], false, Some(slot))?,
+            None => self.submit_greedy(&[0], true, Some(slot))?,
+        };
+        self.times.encode += t1 - t0;
+        self.times.submit += t1.elapsed();
+        self.ahead_next = (slot + 1) % AHEAD;
+        self.ahead.push_back((slot, index));
+        Ok(())
+    }
+
+    /// Wait for the oldest step run ahead and read its token.
+    fn pop_ahead(&mut self) -> Result<u32> {
+        let (slot, index) = self
+            .ahead
+            .pop_front()
+            .ok_or_else(|| Error::Gpu("no greedy step in flight".into()))?;
+        let t = std::time::Instant::now();
+        let mut id = [0u32; 1];
+        kernel::read_mapped_after(self.ctx, &self.ahead_staging[slot], &mut id, Some(index))?;
+        self.times.wait += t.elapsed();
+        self.times.steps += 1;
+        Ok(id[0])
+    }
+
+    fn decode_ahead(
+        &mut self,
+        first: u32,
+        n: usize,
+        on_token: &mut dyn FnMut(u32) -> Result<bool>,
+    ) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.push_ahead(Some(first))?;
+        let mut submitted = 1;
+        for _ in 0..n {
+            // Run ahead only where the context has room for the step.
+            if submitted < n && (self.pos < self.n_ctx || self.ahead.is_empty()) {
+                // (At the context's end with nothing in flight this reports
+                // the end, as a step-by-step decode would.)
+                self.push_ahead(None)?;
+                submitted += 1;
+            }
+            let tok = self.pop_ahead()?;
+            if !on_token(tok)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop the greedy steps still in flight: their positions are taken
+    /// back (their results are never read).
+    fn finish_ahead(&mut self) {
+        self.pos -= self.ahead.len().min(self.pos);
+        self.ahead.clear();
     }
 
     /// Make the readback buffer hold `bytes`.
@@ -895,28 +1091,15 @@ impl crate::session::Backend for GpuBackend<'_> {
             let l = self.forward(tokens, true)?;
             return Ok(crate::reference::ops::argmax(l.row(0), l.vocab)[0] as u32);
         }
+        self.finish_ahead();
         let t0 = std::time::Instant::now();
-        let (mut enc, b) = self.encode_step(tokens)?;
-        self.staging(4)?;
-        let st = &self.buckets[b];
-        let Some(bg) = &st.greedy else {
-            return Err(Error::Gpu("the greedy argmax was not bound".into()));
-        };
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&self.argmax.pipeline);
-            pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
-        }
+        let (t1, index) = self.submit_greedy(tokens, false, None)?;
+        let t2 = std::time::Instant::now();
+        let mut id = [0u32; 1];
         let Some((staging, _)) = &self.staging else {
             return Err(Error::Gpu("no readback buffer".into()));
         };
-        enc.copy_buffer_to_buffer(&self.argmax_out, 0, staging, 0, 4);
-        let t1 = std::time::Instant::now();
-        self.ctx.queue.submit([enc.finish()]);
-        let t2 = std::time::Instant::now();
-        let mut id = [0u32; 1];
-        kernel::read_mapped_into(self.ctx, staging, &mut id)?;
+        kernel::read_mapped_after(self.ctx, staging, &mut id, Some(index))?;
         let t3 = std::time::Instant::now();
         self.times.steps += 1;
         self.times.encode += t1 - t0;
@@ -925,7 +1108,26 @@ impl crate::session::Backend for GpuBackend<'_> {
         Ok(id[0])
     }
 
+    /// Runs one step ahead: step i + 1 (its token the argmax of step i,
+    /// copied on the GPU) is submitted before step i's token is read back,
+    /// so the GPU always has the next step queued while the host reads a
+    /// token, hands it to `on_token` and encodes the step after. When
+    /// generation stops, the step run ahead is dropped: its position is
+    /// taken back (its cache row is written again by the next step there).
+    fn decode_greedy(
+        &mut self,
+        first: u32,
+        n: usize,
+        on_token: &mut dyn FnMut(u32) -> Result<bool>,
+    ) -> Result<()> {
+        self.finish_ahead();
+        let r = self.decode_ahead(first, n, on_token);
+        self.finish_ahead();
+        r
+    }
+
     fn reset(&mut self) {
+        self.finish_ahead();
         self.pos = 0;
     }
 

@@ -244,6 +244,17 @@ pub fn read_mapped_into<T: bytemuck::Pod>(
     staging: &wgpu::Buffer,
     out: &mut [T],
 ) -> Result<()> {
+    read_mapped_after(ctx, staging, out, None)
+}
+
+/// As [`read_mapped_into`], waiting only for submission `after` (None: for
+/// everything submitted), so that later submissions may still run.
+pub fn read_mapped_after<T: bytemuck::Pod>(
+    ctx: &GpuContext,
+    staging: &wgpu::Buffer,
+    out: &mut [T],
+    after: Option<wgpu::SubmissionIndex>,
+) -> Result<()> {
     use std::sync::atomic::{AtomicU8, Ordering};
     use std::sync::Arc;
     let bytes = std::mem::size_of_val(out) as u64;
@@ -257,7 +268,10 @@ pub fn read_mapped_into<T: bytemuck::Pod>(
         answer.store(if r.is_ok() { 1 } else { 2 }, Ordering::SeqCst);
     });
     ctx.device
-        .poll(wgpu::PollType::wait_indefinitely())
+        .poll(wgpu::PollType::Wait {
+            submission_index: after,
+            timeout: None,
+        })
         .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
     match state.load(Ordering::SeqCst) {
         1 => {}
