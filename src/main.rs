@@ -159,6 +159,10 @@ enum Cmd {
         /// Prompt length for the prefill timing.
         #[arg(long, default_value_t = 512)]
         prefill: usize,
+        /// Prompt length before the decode timing: the decode steps attend
+        /// to this many positions and more.
+        #[arg(long, default_value_t = 8)]
+        decode_after: usize,
         /// Replay a recorded stream (`kiln plan --stream-out FILE`) instead
         /// of planning.
         #[arg(long)]
@@ -410,8 +414,15 @@ fn run(cli: Cli) -> Result<()> {
             m,
             decode,
             prefill,
+            decode_after,
             stream,
-        } => bench(&m, &cli.gpu, decode, prefill, stream.as_deref()),
+        } => bench(
+            &m,
+            &cli.gpu,
+            decode,
+            [prefill, decode_after.max(1)],
+            stream.as_deref(),
+        ),
         Cmd::Plan {
             m,
             prefill,
@@ -592,7 +603,7 @@ fn bench(
     m: &ModelArgs,
     gpu: &GpuArgs,
     decode: usize,
-    prefill: usize,
+    [prefill, decode_after]: [usize; 2],
     stream: Option<&Path>,
 ) -> Result<()> {
     use std::time::Instant;
@@ -600,7 +611,7 @@ fn bench(
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
     let chain = [1u32, 1024].map(|g| kiln::exec::bench::dispatch_cost(&ctx, g, 3));
-    let n_ctx = prefill.max(8 + decode) + 2;
+    let n_ctx = prefill.max(decode_after + decode) + 2;
     let mut b = match stream {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -613,20 +624,20 @@ fn bench(
     };
     let vocab = bound.vocab as u64;
     // Deterministic pseudo-random prompt ids.
-    let ids: Vec<u32> = (0..prefill as u64)
+    let ids: Vec<u32> = (0..prefill.max(decode_after) as u64)
         .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
         .collect();
     // Prefill: one warm-up, then timed.
-    b.forward(&ids, true)?;
+    b.forward(&ids[..prefill], true)?;
     b.reset();
     let t = Instant::now();
-    let logits = b.forward(&ids, true)?;
+    let logits = b.forward(&ids[..prefill], true)?;
     let prefill_s = t.elapsed().as_secs_f64();
-    // Decode: greedy steps after an 8-token prompt, as `kiln run` decodes
+    // Decode: greedy steps after a --decode-after prompt, as `kiln run` decodes
     // (the argmax runs on the GPU, each step reads back one token id and
     // the next step is queued before it is read).
     b.reset();
-    let mut next = b.forward_greedy(&ids[..8.min(ids.len())])?;
+    let mut next = b.forward_greedy(&ids[..decode_after])?;
     next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
     b.take_step_times();
     let t = Instant::now();
@@ -665,10 +676,11 @@ fn bench(
     );
     println!("weights            {:.1} MB", weight_bytes as f64 / 1e6);
     println!(
-        "decode             {:.1} tok/s ({:.3} ms/token, {} steps)",
+        "decode             {:.1} tok/s ({:.3} ms/token, {} steps after a {}-token prompt)",
         1.0 / per_tok,
         per_tok * 1e3,
-        decode
+        decode,
+        decode_after
     );
     println!(
         "decode floor       {:.3} ms/token (weights / roof)",
