@@ -194,8 +194,18 @@ fn every_feature_request_opens_a_subset_of_the_adapter() {
             "{req}: {f:?} ⊄ {:?}",
             ctx.offered
         );
-        // The device has exactly the features kiln meant to enable.
-        assert_eq!(ctx.device.features(), f.wgpu_features(), "{req}");
+        // The device has exactly the features kiln meant to enable: the
+        // set's, and timestamps inside passes (for profiles) only with
+        // timestamps.
+        let mut want = f.wgpu_features();
+        if ctx.timestamps_in_passes {
+            assert!(
+                f.timestamps,
+                "{req}: timestamps inside passes without timestamps"
+            );
+            want |= wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        }
+        assert_eq!(ctx.device.features(), want, "{req}");
         assert_eq!(f.f16, ctx.offered.f16 && req.wants_f16(), "{req}");
         assert_eq!(
             f.subgroups,
