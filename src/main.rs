@@ -159,10 +159,10 @@ enum Cmd {
         /// Prompt length for the prefill timing.
         #[arg(long, default_value_t = 512)]
         prefill: usize,
-        /// Prompt length before the decode timing: the decode steps attend
-        /// to this many positions and more.
-        #[arg(long, default_value_t = 8)]
-        decode_after: usize,
+        /// Prompt length before the decode timing (at least 1): the decode
+        /// steps attend to this many positions and more.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+        decode_after: u32,
         /// Replay a recorded stream (`kiln plan --stream-out FILE`) instead
         /// of planning.
         #[arg(long)]
@@ -420,7 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             &m,
             &cli.gpu,
             decode,
-            [prefill, decode_after.max(1)],
+            [prefill, decode_after as usize],
             stream.as_deref(),
         ),
         Cmd::Plan {
@@ -611,7 +611,10 @@ fn bench(
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
     let chain = [1u32, 1024].map(|g| kiln::exec::bench::dispatch_cost(&ctx, g, 3));
-    let n_ctx = prefill.max(decode_after + decode) + 2;
+    let n_ctx = decode_after
+        .checked_add(decode)
+        .map(|n| n.max(prefill).saturating_add(2))
+        .ok_or_else(|| Error::Input("--decode-after plus --decode is too large".into()))?;
     let mut b = match stream {
         Some(p) => {
             let text = std::fs::read_to_string(p)

@@ -8,8 +8,17 @@ use kiln::exec::gpu::{objects_created, GpuBackend};
 use kiln::exec::{FeatureRequest, GpuContext};
 use kiln::session::Backend;
 
+/// The GPU object counter is process-wide: this file's tests run one at a
+/// time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[test]
 fn decode_steps_create_no_gpu_objects() {
+    let _serial = serial();
     let (g, b) = common::tiny_model("llama", 2, 5);
     let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
         .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh"));
@@ -49,6 +58,7 @@ fn decode_steps_create_no_gpu_objects() {
 /// handed out: decoding on step by step from there continues the sequence.
 #[test]
 fn greedy_decode_run_ahead_matches_the_reference() {
+    let _serial = serial();
     let (g, b) = common::tiny_model("llama", 2, 5);
     let prompt = [3, 1, 4, 1, 5];
     let mut cpu = kiln::reference::Reference::new(&b, &g, 64).unwrap();
@@ -104,4 +114,40 @@ fn greedy_decode_run_ahead_matches_the_reference() {
         before,
         "run-ahead decode created GPU objects"
     );
+}
+
+/// Run-ahead greedy decode into the end of the context hands out every
+/// token that fits, then the context error, as step-by-step decoding does
+/// (the CPU reference, through the trait's default).
+#[test]
+fn greedy_decode_run_ahead_stops_at_the_context_end() {
+    let _serial = serial();
+    let (g, b) = common::tiny_model("llama", 2, 5);
+    let prompt = [3, 1, 4, 1, 5];
+    let n_ctx = 12;
+    let run = |be: &mut dyn Backend| {
+        let first = be.forward_greedy(&prompt).unwrap();
+        let mut got = Vec::new();
+        let r = be.decode_greedy(first, 20, &mut |t| {
+            got.push(t);
+            Ok(true)
+        });
+        (got, r.map_err(|e| e.to_string()))
+    };
+    let mut cpu = kiln::reference::Reference::new(&b, &g, n_ctx).unwrap();
+    let (want, want_r) = run(&mut cpu);
+    let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
+        .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh"));
+    let mut gpu = GpuBackend::new(&ctx, &b, &g, n_ctx, false).unwrap();
+    let (got, got_r) = run(&mut gpu);
+    assert_eq!(
+        want.len(),
+        n_ctx - prompt.len(),
+        "the reference ran {want:?}"
+    );
+    assert_eq!(got, want);
+    let (Err(w), Err(e)) = (&want_r, &got_r) else {
+        panic!("expected the context error from both: {want_r:?} / {got_r:?}");
+    };
+    assert!(e.contains("context") && w.contains("context"), "{e} / {w}");
 }

@@ -27,9 +27,11 @@ struct WeightBufs {
 /// A profiled step's timestamps: with `in_pass`, query 0 is written before
 /// the first dispatch and query i + 1 after dispatch i, all inside the
 /// step's usual passes (each dispatch's time is then what it adds to the
-/// stream, its barrier included); else each dispatch runs in its own pass
-/// with queries 2i and 2i + 1 at its start and end (a pass costs more than
-/// a barrier, so small kernels look slower than they are).
+/// stream: its barrier, any copy and pass boundary just before it, and the
+/// timestamp's own cost, ~5 µs on the H200); else each dispatch runs in its
+/// own pass with queries 2i and 2i + 1 at its start and end (a pass costs
+/// ~15 µs more than a barrier there). Either way small kernels look slower
+/// than they are.
 struct Profiling {
     queries: wgpu::QuerySet,
     in_pass: bool,
@@ -354,8 +356,9 @@ impl<'a> GpuBackend<'a> {
     /// (kernel variant, microseconds, bytes of weights it reads: a decode
     /// matmul's, else 0) in launch order. Needs the adapter's timestamp
     /// queries. Where it offers them inside passes (see [`Profiling`]) the
-    /// times add up to the step's GPU time; else each dispatch runs in its
-    /// own pass and the sum is above it.
+    /// times cover the whole step, each with its timestamp's own cost; else
+    /// each dispatch runs in its own pass. Both sums are above a step's GPU
+    /// time.
     pub fn profile_decode_step(&mut self, token: u32) -> Result<Vec<(String, f64, u64)>> {
         if !self.ctx.features.timestamps {
             return Err(Error::Gpu(
@@ -369,6 +372,7 @@ impl<'a> GpuBackend<'a> {
             count: n.max(2),
         });
         let in_pass = self.ctx.timestamps_in_passes;
+        self.finish_ahead();
         self.profiling = Some(Profiling {
             queries,
             in_pass,
@@ -812,7 +816,7 @@ impl GpuBackend<'_> {
         }
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
         let mut in_chunk = 0usize;
-        // Behind a step still in flight the GPU is busy: one submission
+        // Behind a step still in flight the GPU is (most likely) busy: one submission
         // (each command buffer and pass boundary costs the GPU ~15 µs on
         // the H200); else chunks, so that it starts early.
         let chunked = self.ahead.is_empty() && self.profiling.is_none();
@@ -959,8 +963,10 @@ impl GpuBackend<'_> {
         after_argmax: bool,
         slot: Option<usize>,
     ) -> Result<(std::time::Instant, wgpu::SubmissionIndex)> {
+        if slot.is_none() {
+            self.staging(4)?;
+        }
         let (mut enc, _) = self.encode_step_from(tokens, after_argmax, true)?;
-        self.staging(4)?;
         let staging = match (slot, &self.staging) {
             (Some(i), _) => &self.ahead_staging[i],
             (None, Some((s, _))) => s,
@@ -1059,6 +1065,7 @@ impl GpuBackend<'_> {
 
 impl crate::session::Backend for GpuBackend<'_> {
     fn forward(&mut self, tokens: &[u32], last_only: bool) -> Result<Logits> {
+        self.finish_ahead();
         let t = tokens.len();
         let (mut enc, b) = self.encode_step(tokens)?;
         let g = self.graph;

@@ -280,6 +280,8 @@ pub fn read_mapped_after<T: bytemuck::Pod>(
     }
     let errors = ctx.take_errors();
     if !errors.is_empty() {
+        // Mapped: unmap, so that the buffer can be used again.
+        staging.unmap();
         return Err(Error::Gpu(errors.join("; ")));
     }
     {
