@@ -90,10 +90,38 @@ pub struct GpuBackend<'a> {
     /// Readback slots of the greedy steps run ahead ([`Backend::decode_greedy`]):
     /// each in-flight step copies its token id into its own slot.
     ahead_staging: [wgpu::Buffer; AHEAD],
-    /// In-flight greedy steps, oldest first: slot and submission.
+    /// In-flight greedy steps, oldest first: slot and submission (the next
+    /// one takes the slot after the newest's).
     ahead: std::collections::VecDeque<(usize, wgpu::SubmissionIndex)>,
-    /// The slot the next greedy step run ahead copies its token into.
-    ahead_next: usize,
+}
+
+/// The compute pass being recorded into `enc`, begun if none is open.
+fn open_pass<'p>(
+    pass: &'p mut Option<wgpu::ComputePass<'static>>,
+    enc: &mut wgpu::CommandEncoder,
+) -> &'p mut wgpu::ComputePass<'static> {
+    pass.get_or_insert_with(|| {
+        enc.begin_compute_pass(&Default::default())
+            .forget_lifetime()
+    })
+}
+
+/// A step's input tokens.
+#[derive(Clone, Copy)]
+enum StepInput<'t> {
+    /// Token ids from the host.
+    Tokens(&'t [u32]),
+    /// One token: the greedy argmax of the step before, copied on the GPU.
+    PrevArgmax,
+}
+
+impl StepInput<'_> {
+    fn len(self) -> usize {
+        match self {
+            StepInput::Tokens(t) => t.len(),
+            StepInput::PrevArgmax => 1,
+        }
+    }
 }
 
 /// Greedy decode steps in flight at most: one computing while the next is
@@ -343,7 +371,6 @@ impl<'a> GpuBackend<'a> {
                 })
             }),
             ahead: std::collections::VecDeque::with_capacity(AHEAD),
-            ahead_next: 0,
         })
     }
 
@@ -734,38 +761,31 @@ impl GpuBackend<'_> {
     /// dispatches (not while profiling). Returns the encoder holding the
     /// rest, unsubmitted, and the bucket index.
     fn encode_step(&mut self, tokens: &[u32]) -> Result<(wgpu::CommandEncoder, usize)> {
-        self.encode_step_from(tokens, false, false)
+        self.encode_step_from(StepInput::Tokens(tokens), false)
     }
 
-    /// As [`Self::encode_step`]; with `after_argmax` the one token is the
-    /// greedy argmax of the step before, copied on the GPU (`tokens` is then
-    /// only its length, one); with `greedy` the argmax of the last logits
-    /// row ends the step (in its last pass: a pass of its own costs more).
+    /// As [`Self::encode_step`], from `input`; with `greedy` the argmax of
+    /// the last logits row ends the step (in its last pass: a pass of its
+    /// own costs more).
     fn encode_step_from(
         &mut self,
-        tokens: &[u32],
-        after_argmax: bool,
+        input: StepInput,
         greedy: bool,
     ) -> Result<(wgpu::CommandEncoder, usize)> {
         let g = self.graph;
-        let t = tokens.len();
+        let t = input.len();
         if t == 0 {
             return Err(Error::Input("no tokens to run".into()));
         }
-        if after_argmax && t != 1 {
-            return Err(Error::Input(
-                "a step after the greedy argmax runs one token".into(),
-            ));
-        }
-        if let Some(&bad) = tokens
-            .iter()
-            .find(|&&x| !after_argmax && x as usize >= g.vocab)
-        {
-            return Err(Error::Input(format!(
-                "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..{})",
-                g.vocab,
-                g.vocab - 1
-            )));
+        // (The argmax is always in range: it indexes the logits.)
+        if let StepInput::Tokens(tokens) = input {
+            if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= g.vocab) {
+                return Err(Error::Input(format!(
+                    "token id {bad} is out of range: the model's vocabulary has {} tokens (ids 0..{})",
+                    g.vocab,
+                    g.vocab - 1
+                )));
+            }
         }
         if self.pos + t > self.n_ctx {
             return Err(Error::Input(format!(
@@ -787,7 +807,7 @@ impl GpuBackend<'_> {
             dummy: &self.dummy,
         };
         let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
-        if !after_argmax {
+        if let StepInput::Tokens(tokens) = input {
             ctx.queue
                 .write_buffer(tok_buf, tok_off, bytemuck::cast_slice(tokens));
         }
@@ -810,8 +830,7 @@ impl GpuBackend<'_> {
             .write_buffer(ubuf, 0, bytemuck::cast_slice(&st.words));
         let max_dim = ctx.limits.max_compute_workgroups_per_dimension;
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        if after_argmax {
-            // The argmax is always in range (it indexes the logits).
+        if let StepInput::PrevArgmax = input {
             enc.copy_buffer_to_buffer(&self.argmax_out, 0, tok_buf, tok_off, 4);
         }
         let mut pass: Option<wgpu::ComputePass<'static>> = None;
@@ -877,10 +896,7 @@ impl GpuBackend<'_> {
                             prof.names
                                 .push((st.plan.kernels[*kernel].name(), weight_bytes));
                             if prof.in_pass {
-                                let p = pass.get_or_insert_with(|| {
-                                    enc.begin_compute_pass(&Default::default())
-                                        .forget_lifetime()
-                                });
+                                let p = open_pass(&mut pass, &mut enc);
                                 if i == 0 {
                                     p.write_timestamp(&prof.queries, 0);
                                 }
@@ -905,10 +921,7 @@ impl GpuBackend<'_> {
                             continue;
                         }
                     }
-                    let p = pass.get_or_insert_with(|| {
-                        enc.begin_compute_pass(&Default::default())
-                            .forget_lifetime()
-                    });
+                    let p = open_pass(&mut pass, &mut enc);
                     p.set_pipeline(&st.kernels[*kernel].pipeline);
                     p.set_bind_group(0, bg, &[]);
                     p.dispatch_workgroups(gr[0], gr[1], gr[2]);
@@ -940,10 +953,7 @@ impl GpuBackend<'_> {
             let Some(bg) = &st.greedy else {
                 return Err(Error::Gpu("the greedy argmax was not bound".into()));
             };
-            let p = pass.get_or_insert_with(|| {
-                enc.begin_compute_pass(&Default::default())
-                    .forget_lifetime()
-            });
+            let p = open_pass(&mut pass, &mut enc);
             p.set_pipeline(&self.argmax.pipeline);
             p.set_bind_group(0, bg, &[]);
             p.dispatch_workgroups(1, 1, 1);
@@ -959,14 +969,13 @@ impl GpuBackend<'_> {
     /// submission.
     fn submit_greedy(
         &mut self,
-        tokens: &[u32],
-        after_argmax: bool,
+        input: StepInput,
         slot: Option<usize>,
     ) -> Result<(std::time::Instant, wgpu::SubmissionIndex)> {
         if slot.is_none() {
             self.staging(4)?;
         }
-        let (mut enc, _) = self.encode_step_from(tokens, after_argmax, true)?;
+        let (mut enc, _) = self.encode_step_from(input, true)?;
         let staging = match (slot, &self.staging) {
             (Some(i), _) => &self.ahead_staging[i],
             (None, Some((s, _))) => s,
@@ -981,14 +990,14 @@ impl GpuBackend<'_> {
     /// with None the argmax of the step submitted before.
     fn push_ahead(&mut self, token: Option<u32>) -> Result<()> {
         let t0 = std::time::Instant::now();
-        let slot = self.ahead_next;
-        let (t1, index) = match token {
-            Some(tok) => self.submit_greedy(&[tok], false, Some(slot))?,
-            None => self.submit_greedy(&[0], true, Some(slot))?,
+        let slot = self.ahead.back().map_or(0, |&(s, _)| (s + 1) % AHEAD);
+        let input = match &token {
+            Some(tok) => StepInput::Tokens(std::slice::from_ref(tok)),
+            None => StepInput::PrevArgmax,
         };
+        let (t1, index) = self.submit_greedy(input, Some(slot))?;
         self.times.encode += t1 - t0;
         self.times.submit += t1.elapsed();
-        self.ahead_next = (slot + 1) % AHEAD;
         self.ahead.push_back((slot, index));
         Ok(())
     }
@@ -1100,7 +1109,7 @@ impl crate::session::Backend for GpuBackend<'_> {
         }
         self.finish_ahead();
         let t0 = std::time::Instant::now();
-        let (t1, index) = self.submit_greedy(tokens, false, None)?;
+        let (t1, index) = self.submit_greedy(StepInput::Tokens(tokens), None)?;
         let t2 = std::time::Instant::now();
         let mut id = [0u32; 1];
         let Some((staging, _)) = &self.staging else {
