@@ -877,3 +877,202 @@ fn quantize_rows_all_variants() {
     }
     assert!(runs >= 12, "quantize_rows: {runs} variant runs");
 }
+
+/// Diagnostic (ignored; run on a real GPU): how fast an int8 Q4_0 matvec
+/// streams when each block's 16 nibble bytes are re-laid at load as one
+/// aligned 16-byte vector (nibbles of a row contiguous, the f16 scales in a
+/// region of their own) and each invocation takes whole blocks, against
+/// matmul_vec XQ=1 on the GGUF layout (18-byte blocks, unaligned loads).
+/// Both are checked against the CPU first. `KILN_SPEED_SHAPES` as in
+/// print_speed.
+#[test]
+#[ignore]
+fn q4_0_relaid_speed() {
+    let mut rng = Rng(fresh_seed());
+    let ctx = gpu_contexts().pop().expect("all features");
+    let reps = 100u32;
+    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| -> f64 {
+        let run = |n: u32| {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for _ in 0..n {
+                    pass.set_pipeline(&k.pipeline);
+                    pass.set_bind_group(0, bind, &[]);
+                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                }
+            }
+            let t0 = std::time::Instant::now();
+            ctx.queue.submit([enc.finish()]);
+            ctx.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .unwrap();
+            t0.elapsed().as_secs_f64()
+        };
+        run(reps);
+        (run(reps + 10) - run(10)) / reps as f64
+    };
+    let shapes: Vec<(usize, usize)> = std::env::var("KILN_SPEED_SHAPES")
+        .unwrap_or_else(|_| "4096x57344,14336x16384,4096x28672,4096x6144".into())
+        .split(',')
+        .map(|s| {
+            let (k, n) = s.split_once('x').expect("KILN_SPEED_SHAPES: KxN,...");
+            (k.parse().unwrap(), n.parse().unwrap())
+        })
+        .collect();
+    for (kk, n) in shapes {
+        let wbytes = random_weights(&mut rng, DType::Q4_0, n, kk);
+        let x = rng.vec(kk);
+        let xq = q8_quantize(&x, kk, None);
+        let w = dequant::dequantize(DType::Q4_0, &wbytes, n * kk).unwrap();
+        let want = ops::matmul(&q8_dequantize(&xq, kk), 1, &w, kk, n);
+        let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&xq));
+        // The current kernel.
+        let t = codegen::template("matmul_vec").unwrap();
+        let knobs: Knobs = [
+            ("DTYPE", "Q4_0"),
+            ("DTYPE_B", "NONE"),
+            ("DTYPE_C", "NONE"),
+            ("PAIR", "0"),
+            ("XS", "0"),
+            ("WG", "128"),
+            ("ROWS", "4"),
+            ("SUBGROUPS", "1"),
+            ("F16", "0"),
+            ("NORM", "0"),
+            ("XQ", "1"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let k = build(&ctx, &t, &knobs);
+        let wb = kernel::storage(&ctx, "w", &wbytes);
+        let yb = kernel::poisoned(&ctx, "y", n);
+        let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
+        let bind = k.bind_at(&ctx, &[(0, &wb), (3, &xb), (4, &yb), (5, &pb)]);
+        let mut g = spread((n as u32).div_ceil(4), 65535);
+        g[2] = 1;
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        k.dispatch(&mut enc, &bind, g);
+        ctx.queue.submit([enc.finish()]);
+        let err = rel_l2(&kernel::read_f32(&ctx, &yb, n).unwrap(), &want);
+        assert!(err < 1e-4, "matmul_vec: rel L2 {err}");
+        let s = time(&k, &bind, g);
+        eprintln!(
+            "K={kk:5} N={n:6} matmul_vec XQ=1 GGUF layout      {:7.1} us {:7.1} GB/s",
+            s * 1e6,
+            wbytes.len() as f64 / s / 1e9
+        );
+        drop((wb, yb));
+        // Re-laid: nibbles [n, K/32] of 16 bytes, then scales [n, K/32] f16.
+        let nb = kk / 32;
+        let mut nib = Vec::with_capacity(n * nb * 16);
+        let mut sc = Vec::with_capacity(n * nb * 2);
+        for blk in wbytes.chunks(18) {
+            sc.extend_from_slice(&blk[..2]);
+            nib.extend_from_slice(&blk[2..]);
+        }
+        let nibb = kernel::storage(&ctx, "nib", &nib);
+        let scb = kernel::storage(&ctx, "sc", &sc);
+        for (wg, rows, blocks) in [
+            (128, 4, 1),
+            (64, 4, 1),
+            (128, 2, 1),
+            (128, 4, 2),
+            (256, 4, 1),
+            (64, 4, 2),
+            (32, 4, 1),
+        ] {
+            let wgsl = relaid_q4_0_kernel(wg, rows, blocks);
+            let k = Kernel::from_wgsl(&ctx, "q4_0_relaid", wgsl);
+            let yb = kernel::poisoned(&ctx, "y", n);
+            let pb = kernel::uniform(&ctx, "p", &[kk as u32, n as u32, 0, 0]);
+            let bind = k.bind(&ctx, &[&nibb, &scb, &xb, &yb, &pb]);
+            let mut g = spread((n as u32).div_ceil(rows), 65535);
+            g[2] = 1;
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            k.dispatch(&mut enc, &bind, g);
+            ctx.queue.submit([enc.finish()]);
+            let err = rel_l2(&kernel::read_f32(&ctx, &yb, n).unwrap(), &want);
+            assert!(err < 1e-4, "re-laid WG {wg} ROWS {rows}: rel L2 {err}");
+            let s = time(&k, &bind, g);
+            eprintln!(
+                "K={kk:5} N={n:6} re-laid WG={wg:3} ROWS={rows} BLOCKS={blocks} {:7.1} us {:7.1} GB/s",
+                s * 1e6,
+                wbytes.len() as f64 / s / 1e9
+            );
+        }
+    }
+}
+
+/// The re-laid Q4_0 int8 matvec of [`q4_0_relaid_speed`]: WG invocations,
+/// ROWS rows a workgroup, BLOCKS blocks an invocation per iteration (their
+/// loads issued together). Needs subgroups.
+fn relaid_q4_0_kernel(wg: u32, rows: u32, blocks: u32) -> String {
+    format!(
+        r#"
+struct P {{ k: u32, n: u32, a: u32, b: u32 }}
+@group(0) @binding(0) var<storage, read> nib: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> sc: array<u32>;
+@group(0) @binding(2) var<storage, read> x: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<uniform> p: P;
+const WG: u32 = {wg}u;
+const ROWS: u32 = {rows}u;
+const BL: u32 = {blocks}u;
+var<workgroup> part: array<f32, ROWS * WG>;
+
+fn f16_at(h: u32) -> f32 {{
+    let w = sc[h >> 1u] >> ((h & 1u) * 16u);
+    let bits = ((w & 0x7fffu) << 13u) | ((w & 0x8000u) << 16u);
+    return bitcast<f32>(bits) * bitcast<f32>(0x77800000u);
+}}
+
+@compute @workgroup_size({wg})
+fn main(@builtin(workgroup_id) wgid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32,
+        @builtin(subgroup_invocation_id) lane: u32, @builtin(subgroup_id) sg: u32,
+        @builtin(num_subgroups) nsg: u32) {{
+    let g = wgid.x + wgid.y * nwg.x;
+    let n0 = g * ROWS;
+    if n0 >= p.n {{ return; }}
+    let nb = p.k / 32u;
+    var acc: array<f32, ROWS>;
+    let m4 = 0x0f0f0f0fu;
+    let one = 0x01010101u;
+    for (var j0 = lid * BL; j0 < nb; j0 += WG * BL) {{
+        for (var u = 0u; u < BL; u++) {{
+            let j = j0 + u;
+            if j < nb {{
+                // The input block: 8 words of q, its scale, Σ q.
+                let qa = x[2u * j];
+                let qb = x[2u * j + 1u];
+                let dx = bitcast<f32>(x[nb * 2u + j / 4u][j % 4u]);
+                let sq = (dot4I8Packed(qa.x, one) + dot4I8Packed(qa.y, one)) + (dot4I8Packed(qa.z, one) + dot4I8Packed(qa.w, one))
+                    + (dot4I8Packed(qb.x, one) + dot4I8Packed(qb.y, one)) + (dot4I8Packed(qb.z, one) + dot4I8Packed(qb.w, one));
+                for (var r = 0u; r < ROWS; r++) {{
+                    let row = min(n0 + r, p.n - 1u);
+                    let w = nib[row * nb + j];
+                    let lo = w & vec4<u32>(m4);
+                    let hi = (w >> vec4<u32>(4u)) & vec4<u32>(m4);
+                    let s = (dot4I8Packed(lo.x, qa.x) + dot4I8Packed(lo.y, qa.y)) + (dot4I8Packed(lo.z, qa.z) + dot4I8Packed(lo.w, qa.w))
+                        + (dot4I8Packed(hi.x, qb.x) + dot4I8Packed(hi.y, qb.y)) + (dot4I8Packed(hi.z, qb.z) + dot4I8Packed(hi.w, qb.w));
+                    acc[r] += f16_at(row * nb + j) * dx * f32(s - 8 * sq);
+                }}
+            }}
+        }}
+    }}
+    for (var r = 0u; r < ROWS; r++) {{
+        let t = subgroupAdd(acc[r]);
+        if lane == 0u {{ part[r * WG + sg] = t; }}
+    }}
+    workgroupBarrier();
+    if lid < ROWS && n0 + lid < p.n {{
+        var t = 0.0;
+        for (var s = 0u; s < nsg; s++) {{ t += part[lid * WG + s]; }}
+        y[n0 + lid] = t;
+    }}
+}}
+"#
+    )
+}
