@@ -9,7 +9,7 @@
 //! the dequantized w are staged in workgroup memory (k-major, as vec4s along
 //! m and n). F16=1 stages them as f16 and does the products in f16,
 //! accumulating in f32.
-//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
 //! knob TM: 32 64
 //! knob TN: 32 64
 //! knob F16: 0 1

@@ -82,7 +82,34 @@ fn k_for(dt: DType) -> usize {
 }
 
 fn dtype(knobs: &Knobs) -> DType {
-    DType::from_name(&knobs["DTYPE"]).expect("DTYPE knob names a dtype")
+    layout_dtype(&knobs["DTYPE"]).expect("DTYPE knob names a dtype")
+}
+
+/// The GGUF dtype of a DTYPE knob value (a weight layout on the GPU, see
+/// DType::gpu_layout): Q4_0X is Q4_0 re-laid.
+fn layout_dtype(name: &str) -> Option<DType> {
+    match name {
+        "Q4_0X" => Some(DType::Q4_0),
+        _ => DType::from_name(name),
+    }
+}
+
+/// Raw GGUF rows of `k` elements of `dt`, uploaded in the layout `layout`
+/// names (re-laid as the backend does for Q4_0X; kernels for the GGUF
+/// layout take any K).
+fn upload_weights(
+    ctx: &GpuContext,
+    layout: &str,
+    dt: DType,
+    k: usize,
+    bytes: &[u8],
+) -> wgpu::Buffer {
+    if layout == "Q4_0X" {
+        assert_eq!(dt.gpu_layout(k), layout, "K = {k} has no {layout} layout");
+        kernel::storage(ctx, "w", &dt.to_gpu_layout(k, bytes))
+    } else {
+        kernel::storage(ctx, "w", bytes)
+    }
 }
 
 fn knob(knobs: &Knobs, name: &str) -> u32 {
@@ -133,9 +160,16 @@ fn check_matmul(
     let extra: Vec<DType> = ["DTYPE_B", "DTYPE_C"]
         .iter()
         .filter_map(|n| knobs.get(*n))
-        .filter_map(|v| DType::from_name(v))
+        .filter_map(|v| layout_dtype(v))
+        .collect();
+    let layouts: Vec<&str> = ["DTYPE", "DTYPE_B", "DTYPE_C"]
+        .iter()
+        .filter_map(|n| knobs.get(*n))
+        .map(|v| v.as_str())
+        .filter(|v| *v != "NONE")
         .collect();
     let pair = knobs.get("PAIR").is_some_and(|v| v == "1");
+    // Q4_0X rows are whole 256-element groups.
     let kk = std::iter::once(dt)
         .chain(extra.iter().copied())
         .map(|d| match d.block_size() {
@@ -143,6 +177,7 @@ fn check_matmul(
             32 => 1,
             _ => 2,
         })
+        .chain(layouts.iter().filter(|l| **l == "Q4_0X").map(|_| 2))
         .max()
         .map(|c| [99, 96, 512][c])
         .unwrap_or(99);
@@ -218,7 +253,12 @@ fn check_matmul(
         ..s
     };
 
-    let wbs: Vec<wgpu::Buffer> = all_w.iter().map(|b| kernel::storage(ctx, "w", b)).collect();
+    let wbs: Vec<wgpu::Buffer> = all_w
+        .iter()
+        .zip(&layouts)
+        .zip(std::iter::once(&dt).chain(&extra))
+        .map(|((b, l), d)| upload_weights(ctx, l, *d, kk, b))
+        .collect();
     let xb = if xq {
         kernel::storage(ctx, "x", bytemuck::cast_slice(&q8_quantize(&x, kk, None)))
     } else {
@@ -482,7 +522,11 @@ fn check_embed(
     s: EmbedShape,
 ) -> Result<(), String> {
     let dt = dtype(knobs);
-    let d = k_for(dt);
+    let d = if knobs["DTYPE"] == "Q4_0X" {
+        512
+    } else {
+        k_for(dt)
+    };
     let bytes = random_weights(rng, dt, s.rows, d);
     let table = dequant::dequantize(dt, &bytes, s.rows * d).expect("CPU dequant");
     // Random ids around the chunk, plus its first and last rows and the
@@ -501,7 +545,7 @@ fn check_embed(
         }
     }
 
-    let tb = kernel::storage(ctx, "table", &bytes);
+    let tb = upload_weights(ctx, &knobs["DTYPE"], dt, d, &bytes);
     let ib = kernel::storage(ctx, "ids", bytemuck::cast_slice(&ids));
     let yb = kernel::poisoned(ctx, "y", s.t * d);
     let pb = kernel::uniform(
@@ -584,10 +628,13 @@ fn embed_all_variants() {
     report("embed", runs, &failures);
 }
 
-/// The templates offer every dtype kiln can dequantize, and nothing else.
+/// The templates offer every dtype kiln can dequantize (and the GPU
+/// layouts of their own), and nothing else.
 #[test]
 fn templates_cover_every_supported_dtype() {
     let mut want: Vec<String> = DType::supported().map(|d| d.to_string()).collect();
+    // Layouts of their own on the GPU (DType::gpu_layout).
+    want.push("Q4_0X".into());
     want.sort();
     for name in ["matmul_vec", "matmul_tiled", "embed"] {
         let t = codegen::template(name).unwrap();
@@ -649,8 +696,8 @@ fn print_speed() {
         (run(reps + 10) - run(10)) / reps as f64
     };
     let all = [
-        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K",
-        "Q4_K", "Q5_K", "Q6_K",
+        "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_0X", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     ];
     let want = std::env::var("KILN_SPEED_DTYPES").ok();
     let dtypes: Vec<&str> = all
@@ -678,11 +725,11 @@ fn print_speed() {
     .collect();
     let mut summary = Vec::new();
     for &dt in &dtypes {
-        let d = DType::from_name(dt).unwrap();
+        let d = layout_dtype(dt).unwrap();
         for &(kk, n) in &shapes {
             let wbytes = random_weights(&mut rng, d, n, kk);
             let row_bytes = wbytes.len() / n;
-            let wb = kernel::storage(&ctx, "w", &wbytes);
+            let wb = upload_weights(&ctx, dt, d, kk, &wbytes);
             let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
             let yb = kernel::poisoned(&ctx, "y", n);
             let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
@@ -736,9 +783,9 @@ fn print_speed() {
     let t = codegen::template("matmul_tiled").unwrap();
     let (m, kk, n) = (512, 2048, 2048);
     for &dt in &dtypes {
-        let d = DType::from_name(dt).unwrap();
+        let d = layout_dtype(dt).unwrap();
         let wbytes = random_weights(&mut rng, d, n, kk);
-        let wb = kernel::storage(&ctx, "w", &wbytes);
+        let wb = upload_weights(&ctx, dt, d, kk, &wbytes);
         let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(m * kk)));
         let yb = kernel::poisoned(&ctx, "y", m * n);
         let pb = kernel::uniform(&ctx, "p", &[m as u32, kk as u32, n as u32, 0, n as u32]);

@@ -166,6 +166,26 @@ fn deq8(row: u32, e: u32) -> Deq8 {
 }
 #endif
 
+#if DTYPE == 'Q4_0X'
+// Q4_0 re-laid at upload (DType::gpu_layout in src/model/dtype.rs): per
+// 256 elements (144 bytes) the eight blocks' 16 nibble bytes (16t..16t+16
+// for block t), then their eight f16 scales (128 + 2t).
+const BLOCK: u32 = 32u;
+const BLOCK_BYTES: u32 = 18u;
+
+fn deq8(row: u32, e: u32) -> Deq8 {
+    let sb = row + (e / 256u) * 144u;
+    let t = (e / 32u) % 8u;
+    let j = e % 32u;
+    let d = load_f16(sb + 128u + 2u * t);
+    let sh = select(0u, 4u, j >= 16u);
+    let qo = sb + 16u * t + j % 16u;
+    let q0 = vec4<f32>(bits4(load_u32(qo), sh, 15u));
+    let q1 = vec4<f32>(bits4(load_u32(qo + 4u), sh, 15u));
+    return Deq8(d * (q0 - 8.0), d * (q1 - 8.0));
+}
+#endif
+
 #if DTYPE == 'Q4_1'
 // d@0, m@2, qs@4..20; value (d * q) + m.
 const BLOCK: u32 = 32u;

@@ -1,3 +1,4 @@
+// kiln lib needs: load_vec4
 // kiln lib needs: load_word
 // Partial dot products of ROWS weight rows with one input row, dequantizing
 // inside (DTYPE). Included once per weight of a matmul_vec kernel, each time
@@ -55,6 +56,18 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
     let qo = b + 2u + j % 16u;
     let s = dot(nib_lo(load_u32(qo) >> sh), xa) + dot(nib_lo(load_u32(qo + 4u) >> sh), xb);
     return scale_at(b) * (16.0 * s - 24.0 * sx);
+}
+#elif DTYPE == 'Q4_0X'
+// As Q4_0, from the re-laid groups (dequant.wgsl): the nibble words are
+// aligned.
+fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
+    let sb = row + (e / 256u) * 144u;
+    let t = (e / 32u) % 8u;
+    let j = e % 32u;
+    let sh = select(0u, 4u, j >= 16u);
+    let qw = (sb + 16u * t + j % 16u) >> 2u;
+    let s = dot(nib_lo(load_word(qw) >> sh), xa) + dot(nib_lo(load_word(qw + 1u) >> sh), xb);
+    return scale_at(sb + 128u + 2u * t) * (16.0 * s - 24.0 * sx);
 }
 #elif DTYPE == 'Q4_1'
 // Σ (d·n + m)·x = d · 16 · (S − Σx) + m · Σx (blocks are word-aligned).
@@ -161,6 +174,35 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     return dm.x * xp.d.x * f32(dot_nibbles(load_word(qw), load_word(qw + 1u), xp.q)) + dm.y * xp.s.x;
 }
 #endif
+#elif DTYPE == 'Q4_0X'
+// Piece p: block p whole, its 16 nibble bytes one aligned 16-byte load
+// (load_vec4, vector index) from the re-laid groups (dequant.wgsl): word
+// w's low nibbles are elements 4w.., its high ones 16 + 4w...
+const PIECE: u32 = 32u;
+
+fn xq_piece(pi: u32) -> XP {
+    let e = pi * 32u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
+    let r = vec4<u32>(xq_word(e + 16u), xq_word(e + 20u), xq_word(e + 24u), xq_word(e + 28u));
+    let d = xq_d(e);
+    let one = 0x01010101u;
+    let n = ((dot4I8Packed(q.x, one) + dot4I8Packed(q.y, one)) + (dot4I8Packed(q.z, one) + dot4I8Packed(q.w, one)))
+        + ((dot4I8Packed(r.x, one) + dot4I8Packed(r.y, one)) + (dot4I8Packed(r.z, one) + dot4I8Packed(r.w, one)));
+    return XP(q, r, vec4<f32>(d), vec4<f32>(d * f32(n)));
+}
+
+// d · Σ (n − 8)·q·dx.
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let sb = row + (pi / 8u) * 144u;
+    let t = pi % 8u;
+    let w = load_vec4((sb + 16u * t) >> 4u);
+    let m4 = vec4<u32>(0x0f0f0f0fu);
+    let lo = w & m4;
+    let hi = (w >> vec4<u32>(4u)) & m4;
+    let s = ((dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w)))
+        + ((dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w)));
+    return scale_at(sb + 128u + 2u * t) * (xp.d.x * f32(s) - 8.0 * xp.s.x);
+}
 #elif DTYPE == 'Q8_0'
 // Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
 const PIECE: u32 = 8u;

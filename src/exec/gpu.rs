@@ -302,7 +302,8 @@ impl<'a> GpuBackend<'a> {
             if need_raw {
                 for &(first, rows) in &wp.chunks {
                     let bytes = &data[first * wp.row_bytes..(first + rows) * wp.row_bytes];
-                    raw.push(kernel::storage(ctx, &w.name, bytes));
+                    let bytes = w.dtype.to_gpu_layout(w.dims[0], bytes);
+                    raw.push(kernel::storage(ctx, &w.name, &bytes));
                 }
             }
             let f32 = if need_f32 {

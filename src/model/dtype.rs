@@ -132,6 +132,47 @@ impl DType {
     }
 }
 
+/// Q4_0 rows of a multiple of this many elements go to the GPU re-laid
+/// ([`DType::gpu_layout`]).
+pub const Q4_0X_SUPER: usize = 256;
+
+impl DType {
+    /// The layout of rows of `k` elements of this type in a GPU buffer, as
+    /// kernel templates name it in their DTYPE knobs: the GGUF layout
+    /// (the type's name), except Q4_0 rows of a multiple of 256 elements,
+    /// which are uploaded as "Q4_0X": per 256 elements (eight blocks, 144
+    /// bytes, as in GGUF) the eight blocks' 16 nibble bytes first, each
+    /// 16-byte aligned, then their eight f16 scales. Row bytes and row
+    /// offsets are GGUF's; a kernel loads a block's nibbles as one aligned
+    /// 16-byte vector instead of out of unaligned 18-byte blocks (measured
+    /// on an H200: an int8 matvec streams at ~3.7 TB/s against ~2.6).
+    pub fn gpu_layout(self, k: usize) -> String {
+        if self == DType::Q4_0 && k.is_multiple_of(Q4_0X_SUPER) {
+            "Q4_0X".to_string()
+        } else {
+            self.to_string()
+        }
+    }
+
+    /// Whole rows of `k` elements of this type (GGUF bytes) in the layout
+    /// [`DType::gpu_layout`] names: borrowed where it is GGUF's.
+    pub fn to_gpu_layout(self, k: usize, bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+        if self.gpu_layout(k) != "Q4_0X" {
+            return std::borrow::Cow::Borrowed(bytes);
+        }
+        let mut out = vec![0u8; bytes.len()];
+        // 256 elements are 144 bytes in both layouts, so superblocks map
+        // one to one whatever the row length.
+        for (src, dst) in bytes.chunks(144).zip(out.chunks_mut(144)) {
+            for (t, blk) in src.chunks(18).enumerate() {
+                dst[16 * t..16 * t + 16].copy_from_slice(&blk[2..18]);
+                dst[128 + 2 * t..130 + 2 * t].copy_from_slice(&blk[..2]);
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+}
+
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
@@ -141,6 +182,32 @@ impl fmt::Display for DType {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q4_0X holds each block's bytes once: putting every block's scale
+    /// back before its nibbles gives the GGUF rows again; other types and
+    /// rows that are not whole 256-element groups stay as they are.
+    #[test]
+    fn q4_0x_relays_whole_blocks() {
+        let k = 512;
+        let gguf: Vec<u8> = (0..3 * k / 32 * 18).map(|i| (i * 7 + 3) as u8).collect();
+        let x = DType::Q4_0.to_gpu_layout(k, &gguf);
+        assert_eq!(DType::Q4_0.gpu_layout(k), "Q4_0X");
+        assert_eq!(x.len(), gguf.len());
+        let mut back = Vec::new();
+        for sb in x.chunks(144) {
+            for t in 0..8 {
+                back.extend_from_slice(&sb[128 + 2 * t..130 + 2 * t]);
+                back.extend_from_slice(&sb[16 * t..16 * t + 16]);
+            }
+        }
+        assert_eq!(back, gguf);
+        assert_eq!(DType::Q4_0.gpu_layout(96), "Q4_0");
+        assert_eq!(DType::Q4_1.gpu_layout(512), "Q4_1");
+        assert!(matches!(
+            DType::Q4_0.to_gpu_layout(96, &gguf[..54]),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn table_round_trips_ids_and_names() {

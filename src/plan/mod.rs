@@ -596,7 +596,7 @@ fn plan_node(
         BoundOp::Embed { table } => {
             let w = &g.weights[*table];
             weights[*table].raw = true;
-            let dt = w.dtype.to_string();
+            let dt = w.dtype.gpu_layout(w.dims[0]);
             for (c, &(first, rows)) in weights[*table].chunks.clone().iter().enumerate() {
                 b.launch(
                     i,
@@ -631,7 +631,7 @@ fn plan_node(
                     c: e.c / k as u64,
                 }
             };
-            let dt = wd.dtype.to_string();
+            let dt = wd.dtype.gpu_layout(k);
             for (c, &(first, rows)) in weights[*w].chunks.clone().iter().enumerate() {
                 let binds = vec![
                     Buf::Raw {
