@@ -10,7 +10,8 @@
 //!   B (N_A rows each), so the epilogue sees a and b for the same row: the
 //!   gated feed-forward act(x·Wg) * (x·Wu) is one dispatch.
 //! Hook FUSED defines the bindings (w_a, w_b, w_c as array<u32> of raw GGUF
-//! bytes, array<vec4<u32>> for the Q4_0X layout; the uniform `p: Params`,
+//! bytes, array<vec4<u32>> for Q4_0X and Q4_K, whose 16-byte fields are
+//! aligned; the uniform `p: Params`,
 //! inputs, outputs) and
 //!   prologue(m, g): with XS > 0 stage the input row in `xs` (after any
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
@@ -186,7 +187,7 @@ fn x8(xo: u32, e: u32) -> X8 {
 }
 #endif
 
-#if DTYPE == 'Q4_0X'
+#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K'
 fn load_word_a(i: u32) -> u32 {
     return w_a[i >> 2u][i & 3u];
 }
@@ -201,7 +202,7 @@ fn load_word_a(i: u32) -> u32 {
 #endif
 #include matvec_rows.wgsl as _a
 #if DTYPE_B != 'NONE'
-#if DTYPE_B == 'Q4_0X'
+#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K'
 fn load_word_b(i: u32) -> u32 {
     return w_b[i >> 2u][i & 3u];
 }
@@ -217,7 +218,7 @@ fn load_word_b(i: u32) -> u32 {
 #include matvec_rows.wgsl as _b DTYPE=DTYPE_B
 #endif
 #if DTYPE_C != 'NONE'
-#if DTYPE_C == 'Q4_0X'
+#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K'
 fn load_word_c(i: u32) -> u32 {
     return w_c[i >> 2u][i & 3u];
 }
@@ -236,20 +237,20 @@ fn load_word_c(i: u32) -> u32 {
 #include act.wgsl
 
 #hook FUSED
-#if DTYPE == 'Q4_0X'
+#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K'
 @group(0) @binding(0) var<storage, read> w_a: array<vec4<u32>>;
 #else
 @group(0) @binding(0) var<storage, read> w_a: array<u32>;
 #endif
 #if DTYPE_B != 'NONE'
-#if DTYPE_B == 'Q4_0X'
+#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K'
 @group(0) @binding(1) var<storage, read> w_b: array<vec4<u32>>;
 #else
 @group(0) @binding(1) var<storage, read> w_b: array<u32>;
 #endif
 #endif
 #if DTYPE_C != 'NONE'
-#if DTYPE_C == 'Q4_0X'
+#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K'
 @group(0) @binding(2) var<storage, read> w_c: array<vec4<u32>>;
 #else
 @group(0) @binding(2) var<storage, read> w_c: array<u32>;

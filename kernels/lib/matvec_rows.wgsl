@@ -255,18 +255,20 @@ fn k4_pair(s0: u32, s1: u32, s2: u32, i: u32) -> vec4<f32> {
     return vec4<f32>(vec2<f32>(sc), vec2<f32>(mn));
 }
 
+// A super-block is nine aligned 16-byte vectors (load_vec4): d, dmin and
+// the 12 scale bytes, then the 128 nibble bytes.
 fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
-    let bw = (row + (pi / 8u) * 144u) >> 2u;
+    let bv = (row + (pi / 8u) * 144u) >> 4u;
     let i = (pi / 2u) % 4u;
-    let qw = bw + 4u + i * 8u + (pi % 2u) * 4u;
-    let w = vec4<u32>(load_word(qw), load_word(qw + 1u), load_word(qw + 2u), load_word(qw + 3u));
+    let hd = load_vec4(bv);
+    let w = load_vec4(bv + 1u + i * 2u + pi % 2u);
     let m4 = vec4<u32>(0x0f0f0f0fu);
     let lo = w & m4;
     let hi = (w >> vec4<u32>(4u)) & m4;
     let slo = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w));
     let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
-    let dm = scales2(load_word(bw));
-    let sm = k4_pair(load_word(bw + 1u), load_word(bw + 2u), load_word(bw + 3u), i);
+    let dm = scales2(hd.x);
+    let sm = k4_pair(hd.y, hd.z, hd.w, i);
     return dm.x * (sm.x * xp.d.x * f32(slo) + sm.y * xp.d.y * f32(shi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
 }
 #elif DTYPE == 'Q6_K'

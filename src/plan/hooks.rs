@@ -271,8 +271,9 @@ pub(crate) fn plan_matvec(
         for (j, name) in ["w_a", "w_b", "w_c"].iter().enumerate() {
             match ws.get(j) {
                 Some(&w) => {
-                    // The Q4_0X layout is read as 16-byte vectors.
-                    let ty = if dts[j] == "Q4_0X" {
+                    // Layouts with aligned 16-byte fields are read as
+                    // vectors (matmul_vec.wgsl).
+                    let ty = if dts[j] == "Q4_0X" || dts[j] == "Q4_K" {
                         "array<vec4<u32>>"
                     } else {
                         "array<u32>"
@@ -850,7 +851,24 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{int8_workgroup, INT8_DOT_DTYPES};
+    use super::{int8_workgroup, q4_0x_workgroup, INT8_DOT_DTYPES};
+
+    /// Q4_0X int8 matmuls: 32 wide with many workgroups (the 8B
+    /// feed-forward, the output projection), 128 with few (QKV, o-proj,
+    /// down), as measured on the H200.
+    #[test]
+    fn q4_0x_workgroups_follow_the_workgroup_count() {
+        for (rows, want) in [
+            (14336, 32),
+            (128256, 32),
+            (8192, 32),
+            (4096, 128),
+            (6144, 128),
+            (8188, 128),
+        ] {
+            assert_eq!(q4_0x_workgroup(rows), want, "{rows} rows");
+        }
+    }
 
     /// The planner's int8 piece sizes are matvec_rows.wgsl's PIECE: the
     /// workgroup width is chosen from them.
