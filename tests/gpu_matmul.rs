@@ -649,6 +649,45 @@ fn templates_cover_every_supported_dtype() {
     }
 }
 
+/// Seconds per dispatch of `k` over `groups`: 100 dispatches in one
+/// compute pass, as a decode step runs them (on the H200 a pass of its own
+/// costs ~15 µs more per dispatch), less 10, after a warm-up run (clocks
+/// ramp: the first runs of a fresh GPU are slower).
+fn time_in_one_pass(ctx: &GpuContext, k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]) -> f64 {
+    let reps = 100u32;
+    let run = |n: u32| {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            for _ in 0..n {
+                pass.set_pipeline(&k.pipeline);
+                pass.set_bind_group(0, bind, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+            }
+        }
+        let t0 = std::time::Instant::now();
+        ctx.queue.submit([enc.finish()]);
+        ctx.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap();
+        t0.elapsed().as_secs_f64()
+    };
+    run(reps);
+    (run(reps + 10) - run(10)) / reps as f64
+}
+
+/// The (K, N) shapes of `KILN_SPEED_SHAPES` (`KxN,...`), else `default`.
+fn speed_shapes(default: &str) -> Vec<(usize, usize)> {
+    std::env::var("KILN_SPEED_SHAPES")
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .map(|s| {
+            let (k, n) = s.split_once('x').expect("KILN_SPEED_SHAPES: KxN,...");
+            (k.parse().expect("K"), n.parse().expect("N"))
+        })
+        .collect()
+}
+
 /// Not a check: prints decode (matrix × vector) bandwidth and prefill
 /// throughput of the variants on the adapter (run on a real GPU with
 /// `cargo test --release --test gpu_matmul -- --ignored --nocapture`).
@@ -670,30 +709,8 @@ fn templates_cover_every_supported_dtype() {
 fn print_speed() {
     let mut rng = Rng(fresh_seed());
     let ctx = gpu_contexts().pop().expect("all features");
-    let reps = 100u32;
-    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| -> f64 {
-        // All in one compute pass, as a decode step runs them: on the H200
-        // a pass of its own costs ~15 µs more per dispatch.
-        let run = |n: u32| {
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                for _ in 0..n {
-                    pass.set_pipeline(&k.pipeline);
-                    pass.set_bind_group(0, bind, &[]);
-                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                }
-            }
-            let t0 = std::time::Instant::now();
-            ctx.queue.submit([enc.finish()]);
-            ctx.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .unwrap();
-            t0.elapsed().as_secs_f64()
-        };
-        // Warm up (clocks ramp: the first runs of a fresh GPU are slower).
-        run(reps);
-        (run(reps + 10) - run(10)) / reps as f64
+    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| {
+        time_in_one_pass(&ctx, k, bind, groups)
     };
     let all = [
         "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_0X", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K",
@@ -707,14 +724,7 @@ fn print_speed() {
 
     // matmul_vec: one token row, (K, N) shapes, each input mode.
     let t = codegen::template("matmul_vec").unwrap();
-    let shapes: Vec<(usize, usize)> = std::env::var("KILN_SPEED_SHAPES")
-        .unwrap_or_else(|_| "4096x14336,4096x32768".into())
-        .split(',')
-        .map(|s| {
-            let (k, n) = s.split_once('x').expect("KILN_SPEED_SHAPES: KxN,...");
-            (k.parse().unwrap(), n.parse().unwrap())
-        })
-        .collect();
+    let shapes = speed_shapes("4096x14336,4096x32768");
     let modes: Vec<(&str, &str, &str)> = [
         ("f32", "0", "0"),
         ("staged", "4096", "0"),
@@ -937,36 +947,10 @@ fn quantize_rows_all_variants() {
 fn q4_0_relaid_speed() {
     let mut rng = Rng(fresh_seed());
     let ctx = gpu_contexts().pop().expect("all features");
-    let reps = 100u32;
-    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| -> f64 {
-        let run = |n: u32| {
-            let mut enc = ctx.device.create_command_encoder(&Default::default());
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                for _ in 0..n {
-                    pass.set_pipeline(&k.pipeline);
-                    pass.set_bind_group(0, bind, &[]);
-                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                }
-            }
-            let t0 = std::time::Instant::now();
-            ctx.queue.submit([enc.finish()]);
-            ctx.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .unwrap();
-            t0.elapsed().as_secs_f64()
-        };
-        run(reps);
-        (run(reps + 10) - run(10)) / reps as f64
+    let time = |k: &Kernel, bind: &wgpu::BindGroup, groups: [u32; 3]| {
+        time_in_one_pass(&ctx, k, bind, groups)
     };
-    let shapes: Vec<(usize, usize)> = std::env::var("KILN_SPEED_SHAPES")
-        .unwrap_or_else(|_| "4096x57344,14336x16384,4096x28672,4096x6144".into())
-        .split(',')
-        .map(|s| {
-            let (k, n) = s.split_once('x').expect("KILN_SPEED_SHAPES: KxN,...");
-            (k.parse().unwrap(), n.parse().unwrap())
-        })
-        .collect();
+    let shapes = speed_shapes("4096x57344,14336x16384,4096x28672,4096x6144");
     for (kk, n) in shapes {
         let wbytes = random_weights(&mut rng, DType::Q4_0, n, kk);
         let x = rng.vec(kk);
