@@ -1,7 +1,8 @@
 //! kiln template: matmul_tiled
 //! Prefill matmul (many token rows), dequantizing inside:
 //! y[m*ldy + n_offset + n] = Σ_k x[m*K + k] · W[n, k] for m < M, n < N, where
-//! W is the chunk of N rows of K elements in `w` (raw GGUF bytes, DTYPE).
+//! W is the chunk of N rows of K elements in `w` (raw GGUF bytes, DTYPE;
+//! Q4_0X: Q4_0 re-laid at upload, see dequant.wgsl).
 //! Dispatch: spread(ceil(N / TN) * ceil(M / TM), 65535) over x and y, z = 1.
 //! Linear workgroup g = wg.x + wg.y * num_workgroups.x computes the TM × TN
 //! output tile tile_n = g % ceil(N / TN), tile_m = g / ceil(N / TN), with

@@ -269,3 +269,82 @@ fn qwen2_biases_fold_into_the_qkv_matmul() {
         "no QKV matmul with its three bias adds: {names:?}"
     );
 }
+
+/// The tiny qwen2 model four times as wide (rows of 256 and 512 elements),
+/// every matrix Q4_0: its weights go to the GPU re-laid (Q4_0X).
+fn tiny_wide_q4_0() -> Spec {
+    let mut s = tiny();
+    let wide = |d: u64| match d {
+        32 => 128,
+        64 => 256,
+        128 => 512,
+        d => d,
+    };
+    for t in &mut s.tensors {
+        for d in &mut t.2 {
+            *d = wide(*d);
+        }
+    }
+    for (key, v) in [
+        ("qwen2.embedding_length", 256),
+        ("qwen2.feed_forward_length", 512),
+        ("qwen2.rope.dimension_count", 64),
+    ] {
+        s.metadata
+            .insert(key.into(), serde_json::json!({ "u32": v }));
+    }
+    s.with_mix("q4_0").expect("q4_0 mix")
+}
+
+/// Q4_0 weights re-laid on the GPU (Q4_0X) through the whole backend: the
+/// plan reads every matrix in that layout, and prefill (tiled matmuls),
+/// decode (fused matmuls with f32 inputs, and with int8 inputs as rows over
+/// the staging limit get them) and the embedding equal the CPU reference,
+/// which reads the GGUF bytes.
+#[test]
+fn q4_0_relaid_on_the_gpu_matches_cpu() {
+    use kiln::plan::{plan, Bucket, FuseOptions};
+    let g = gguf(&tiny_wide_q4_0(), 17);
+    let bound = bind(&g, "qwen2.ron");
+    let caps = kiln::codegen::Caps::feature_sets(1024, 48 << 10)[3];
+    let p = plan(&bound, Bucket::One, caps, 2 << 30).unwrap();
+    let names: Vec<String> = p.kernels.iter().map(|k| k.name()).collect();
+    assert!(
+        names.iter().any(|n| n.contains("dtypeQ4_0X"))
+            && !names.iter().any(|n| n.contains("dtypeQ4_0.")),
+        "not every Q4_0 kernel reads the re-laid layout: {names:?}"
+    );
+    let prompt = [7u32, 1, 250, 33, 90];
+    let decode = [12u32, 128, 3];
+    let mut cpu = Reference::new(&bound, &g, 64).unwrap();
+    let want_prefill = cpu.forward(&prompt, false).unwrap();
+    let want_decode: Vec<_> = decode
+        .iter()
+        .map(|&t| cpu.forward(&[t], true).unwrap())
+        .collect();
+    let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
+        .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)"));
+    // f32 inputs agree to f16-product precision; int8 inputs carry their
+    // quantization error (~1%, as tests/fused.rs).
+    for (what, opts, tol) in [
+        ("f32 inputs", FuseOptions::default(), 1e-3),
+        (
+            "int8 inputs",
+            FuseOptions {
+                stage_up_to_k: Some(0),
+                ..Default::default()
+            },
+            5e-2,
+        ),
+    ] {
+        let mut gpu = GpuBackend::with_fusion(&ctx, &bound, &g, 64, false, &opts).unwrap();
+        let got = gpu.forward(&prompt, false).unwrap();
+        let e = rel_l2(&got.data, &want_prefill.data);
+        assert!(e < 1e-3, "{what}: prefill relative L2 {e}");
+        for (i, (&t, want)) in decode.iter().zip(&want_decode).enumerate() {
+            let got = gpu.forward(&[t], true).unwrap();
+            let e = rel_l2(&got.data, &want.data);
+            assert!(e < tol, "{what}: decode step {i} relative L2 {e}");
+        }
+    }
+}

@@ -1,6 +1,6 @@
 // kiln lib needs: load_word
-// Dequantization of raw GGUF bytes, shared by matmul_vec, matmul_tiled and
-// embed. The including template defines
+// Dequantization of raw GGUF bytes (or, for DTYPE Q4_0X, Q4_0 re-laid at
+// upload), shared by matmul_vec, matmul_tiled and embed. The including template defines
 //     fn load_word(i: u32) -> u32   // 32-bit word i of its raw byte binding
 // and the knob DTYPE; this file then gives
 //     const BLOCK: u32, BLOCK_BYTES: u32   // elements and bytes per block
@@ -11,7 +11,7 @@
 //     fn deq1(row: u32, e: u32) -> f32     // element e (any e for F32, F16,
 //                                          // BF16; quantized rows always hold
 //                                          // whole 8-element pieces)
-// Blocks are not 4-byte aligned (Q4_0 blocks are 18 bytes), so bytes are
+// GGUF blocks are not 4-byte aligned (Q4_0 blocks are 18 bytes), so bytes are
 // read out of u32 words. f16 fields always sit at even byte offsets. The
 // arithmetic follows src/model/dequant.rs (same operations, same order).
 

@@ -236,7 +236,7 @@ pub(crate) fn plan_matvec(
             .max()
             .unwrap_or(8);
         let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
-        // Q4_0X: whole blocks, one aligned vector each (see Q4_0X_WG).
+        // Q4_0X: whole blocks, one aligned vector each (see q4_0x_workgroup).
         let q4_0x = dts.iter().any(|d| d == "Q4_0X");
         wg_knob = if q4_0x {
             let rows: usize = if pair { &ws[..1] } else { &ws[..] }
@@ -495,7 +495,10 @@ pub(crate) fn plan_matvec(
 }
 
 /// Workgroup width of an int8 matmul over Q4_0X weights with `rows`
-/// output rows (ROWS = 4 a workgroup): 32 invocations (one subgroup on
+/// output rows, counted at ROWS = 4 a workgroup (a group with a Q6_K
+/// sibling runs two rows a workgroup, twice as many; and unlike
+/// int8_workgroup the width ignores K, so at K = 3584 some of 128
+/// invocations have no block: measured fine on Qwen2.5-7B, not tuned): 32 invocations (one subgroup on
 /// NVIDIA, four blocks each of a 4096 row) where there are at least 2048
 /// workgroups, else 128 so that the fewer workgroups still fill the GPU.
 /// Measured on the H200 (Llama-3-8B Q4_0 step, µs, widths 32 / 64 / 128):
