@@ -9,7 +9,7 @@ use kiln::exec::{FeatureRequest, GpuContext};
 use kiln::graph::{BoundGraph, Graph};
 use kiln::model::gguf::Gguf;
 use kiln::model::synth::{self, Spec};
-use kiln::reference::Reference;
+use kiln::reference::{Logits, Reference};
 use kiln::session::Backend;
 
 fn root() -> PathBuf {
@@ -207,20 +207,28 @@ fn qwen2_graph_runs_on_cpu() {
     assert!(l.data.iter().all(|x| x.is_finite()));
 }
 
+/// The prompt and the decode steps after it of the GPU-against-CPU tests.
+const PROMPT: [u32; 5] = [7, 1, 250, 33, 90];
+const DECODE: [u32; 3] = [12, 128, 3];
+
+/// The CPU reference's logits for PROMPT and then each DECODE step.
+fn cpu_logits(bound: &BoundGraph, g: &Gguf) -> (Logits, Vec<Logits>) {
+    let mut cpu = Reference::new(bound, g, 64).unwrap();
+    let prefill = cpu.forward(&PROMPT, false).unwrap();
+    let decode = DECODE
+        .iter()
+        .map(|&t| cpu.forward(&[t], true).unwrap())
+        .collect();
+    (prefill, decode)
+}
+
 /// The GPU backend equals the CPU reference on the tiny qwen2 model, in
 /// prefill and in decode steps after it, in every feature set.
 #[test]
 fn qwen2_gpu_matches_cpu() {
     let g = gguf(&tiny(), 13);
     let bound = bind(&g, "qwen2.ron");
-    let prompt = [7u32, 1, 250, 33, 90];
-    let decode = [12u32, 128, 3];
-    let mut cpu = Reference::new(&bound, &g, 64).unwrap();
-    let want_prefill = cpu.forward(&prompt, false).unwrap();
-    let want_decode: Vec<_> = decode
-        .iter()
-        .map(|&t| cpu.forward(&[t], true).unwrap())
-        .collect();
+    let (want_prefill, want_decode) = cpu_logits(&bound, &g);
     for req in FeatureRequest::EVERY {
         let ctx = GpuContext::with_features(req).unwrap_or_else(|e| {
             panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)")
@@ -228,10 +236,10 @@ fn qwen2_gpu_matches_cpu() {
         // f32 feature sets agree to ~3e-7, f16 ones to ~7e-4 (lavapipe).
         let tol = 1e-3;
         let mut gpu = GpuBackend::new(&ctx, &bound, &g, 64, false).unwrap();
-        let got = gpu.forward(&prompt, false).unwrap();
+        let got = gpu.forward(&PROMPT, false).unwrap();
         let e = rel_l2(&got.data, &want_prefill.data);
         assert!(e < tol, "{req:?} prefill: relative L2 {e}");
-        for (i, (&t, want)) in decode.iter().zip(&want_decode).enumerate() {
+        for (i, (&t, want)) in DECODE.iter().zip(&want_decode).enumerate() {
             let got = gpu.forward(&[t], true).unwrap();
             let e = rel_l2(&got.data, &want.data);
             assert!(e < tol, "{req:?} decode step {i}: relative L2 {e}");
@@ -314,14 +322,7 @@ fn q4_0_relaid_on_the_gpu_matches_cpu() {
             && !names.iter().any(|n| n.contains("dtypeQ4_0.")),
         "not every Q4_0 kernel reads the re-laid layout: {names:?}"
     );
-    let prompt = [7u32, 1, 250, 33, 90];
-    let decode = [12u32, 128, 3];
-    let mut cpu = Reference::new(&bound, &g, 64).unwrap();
-    let want_prefill = cpu.forward(&prompt, false).unwrap();
-    let want_decode: Vec<_> = decode
-        .iter()
-        .map(|&t| cpu.forward(&[t], true).unwrap())
-        .collect();
+    let (want_prefill, want_decode) = cpu_logits(&bound, &g);
     let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
         .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)"));
     // f32 inputs agree to f16-product precision; int8 inputs carry their
@@ -338,10 +339,10 @@ fn q4_0_relaid_on_the_gpu_matches_cpu() {
         ),
     ] {
         let mut gpu = GpuBackend::with_fusion(&ctx, &bound, &g, 64, false, &opts).unwrap();
-        let got = gpu.forward(&prompt, false).unwrap();
+        let got = gpu.forward(&PROMPT, false).unwrap();
         let e = rel_l2(&got.data, &want_prefill.data);
         assert!(e < 1e-3, "{what}: prefill relative L2 {e}");
-        for (i, (&t, want)) in decode.iter().zip(&want_decode).enumerate() {
+        for (i, (&t, want)) in DECODE.iter().zip(&want_decode).enumerate() {
             let got = gpu.forward(&[t], true).unwrap();
             let e = rel_l2(&got.data, &want.data);
             assert!(e < tol, "{what}: decode step {i} relative L2 {e}");
