@@ -147,17 +147,23 @@ impl DType {
     /// 16-byte vector instead of out of unaligned 18-byte blocks (measured
     /// on an H200: an int8 matvec streams at ~3.7 TB/s against ~2.6).
     pub fn gpu_layout(self, k: usize) -> String {
-        if self == DType::Q4_0 && k.is_multiple_of(Q4_0X_SUPER) {
+        if self.relaid_on_gpu(k) {
             "Q4_0X".to_string()
         } else {
             self.to_string()
         }
     }
 
+    /// Whether rows of `k` elements of this type go to the GPU re-laid
+    /// (Q4_0X).
+    fn relaid_on_gpu(self, k: usize) -> bool {
+        self == DType::Q4_0 && k.is_multiple_of(Q4_0X_SUPER)
+    }
+
     /// Whole rows of `k` elements of this type (GGUF bytes) in the layout
     /// [`DType::gpu_layout`] names: borrowed where it is GGUF's.
     pub fn to_gpu_layout(self, k: usize, bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-        if self.gpu_layout(k) != "Q4_0X" {
+        if !self.relaid_on_gpu(k) {
             return std::borrow::Cow::Borrowed(bytes);
         }
         let mut out = vec![0u8; bytes.len()];

@@ -230,11 +230,7 @@ pub(crate) fn plan_matvec(
     // with 256 left half the invocations without a piece (172 -> 197 with
     // 128); at K=14336 128 and 256 are the same.
     if int8 {
-        let piece = ws
-            .iter()
-            .filter_map(|&w| int8_piece(g, w))
-            .max()
-            .unwrap_or(8);
+        let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
         let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
         // Q4_0X: whole blocks, one aligned vector each (see q4_0x_workgroup).
         let q4_0x = dts.iter().any(|d| d == "Q4_0X");
@@ -525,10 +521,9 @@ const INT8_DOT_DTYPES: [(&str, usize); 6] = [
     ("Q6_K", 16),
 ];
 
-/// The int8 piece size of weight `w` (rows of dims[0] elements), if
-/// matmul_vec has an int8 path for its layout.
-fn int8_piece(g: &BoundGraph, w: usize) -> Option<usize> {
-    let layout = g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]);
+/// The int8 piece size of a weight `layout` (DType::gpu_layout), if
+/// matmul_vec has an int8 path for it.
+fn int8_piece(layout: &str) -> Option<usize> {
     INT8_DOT_DTYPES
         .iter()
         .find(|(d, _)| *d == layout)
@@ -561,7 +556,9 @@ fn int8_workgroup(row_bytes: usize, k: usize, piece: usize) -> u32 {
 pub(crate) fn int8_input_ok(g: &BoundGraph, mats: &[usize], k: usize) -> bool {
     k.is_multiple_of(32)
         && mats.iter().all(|&i| match g.nodes[i].op {
-            BoundOp::MatMul { w } => int8_piece(g, w).is_some(),
+            BoundOp::MatMul { w } => {
+                int8_piece(&g.weights[w].dtype.gpu_layout(g.weights[w].dims[0])).is_some()
+            }
             _ => false,
         })
 }
