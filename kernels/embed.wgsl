@@ -3,9 +3,9 @@
 //! [row_offset, row_offset + rows), y[t*d + i] = dequant(table row
 //! id - row_offset)[i]; other tokens are left untouched (the table may be
 //! split into chunks, one dispatch each). `table` holds the chunk's raw GGUF
-//! bytes (DTYPE; Q4_0X: Q4_0 re-laid at upload, see dequant.wgsl). Dispatch: spread(T, 65535), one workgroup per token
+//! bytes (DTYPE; Q4_0X, Q6_KX: Q4_0 and Q6_K re-laid at upload, see dequant.wgsl). Dispatch: spread(T, 65535), one workgroup per token
 //! (linear index wg.x + wg.y * num_workgroups.x).
-//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob WG: 64 256
 
 struct Params {

@@ -2,7 +2,7 @@
 //! Prefill matmul (many token rows), dequantizing inside:
 //! y[m*ldy + n_offset + n] = Σ_k x[m*K + k] · W[n, k] for m < M, n < N, where
 //! W is the chunk of N rows of K elements in `w` (raw GGUF bytes, DTYPE;
-//! Q4_0X: Q4_0 re-laid at upload, see dequant.wgsl).
+//! Q4_0X, Q6_KX: Q4_0 and Q6_K re-laid at upload, see dequant.wgsl).
 //! Dispatch: spread(ceil(N / TN) * ceil(M / TM), 65535) over x and y, z = 1.
 //! Linear workgroup g = wg.x + wg.y * num_workgroups.x computes the TM × TN
 //! output tile tile_n = g % ceil(N / TN), tile_m = g / ceil(N / TN), with
@@ -10,7 +10,7 @@
 //! the dequantized w are staged in workgroup memory (k-major, as vec4s along
 //! m and n). F16=1 stages them as f16 and does the products in f16,
 //! accumulating in f32.
-//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob TM: 32 64
 //! knob TN: 32 64
 //! knob F16: 0 1

@@ -10,8 +10,8 @@
 //!   B (N_A rows each), so the epilogue sees a and b for the same row: the
 //!   gated feed-forward act(x·Wg) * (x·Wu) is one dispatch.
 //! Hook FUSED defines the bindings (w_a, w_b, w_c as array<u32> of raw GGUF
-//! bytes, array<vec4<u32>> for Q4_0X and Q4_K, whose 16-byte fields are
-//! aligned; the uniform `p: Params`,
+//! bytes, array<vec4<u32>> for Q4_0X, Q4_K and Q6_KX, whose 16-byte fields
+//! are aligned; the uniform `p: Params`,
 //! inputs, outputs) and
 //!   prologue(m, g): with XS > 0 stage the input row in `xs` (after any
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
@@ -31,14 +31,15 @@
 //! WG invocations stride over 8-element pieces of K and reduce (through
 //! subgroups with SUBGROUPS=1, never assuming their size). F16=1 does the
 //! products in f16 (4-wide dots), accumulating in f32.
-//! XQ=1 (every weight dtype Q4_0, Q4_0X, Q4_1, Q8_0, Q4_K or Q6_K; K % 32 == 0):
+//! XQ=1 (every weight dtype Q4_0, Q4_0X, Q4_1, Q8_0, Q4_K, Q6_K or Q6_KX;
+//! K % 32 == 0):
 //! the input arrives quantized to int8 per 32-element block, as
 //! quantize_rows writes it (hook xq_in(i): word i of that buffer, row m at
 //! p.xqo + m * (K/4 + K/32)); the products are integer 4-wide dot products
 //! of the packed weight fields with q (dot4I8Packed), scaled once per piece.
-//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
-//! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL NONE
-//! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K IQ4_NL
+//! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
+//! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL NONE
+//! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob PAIR: 0 1
 //! knob XS: 0 1024 2048 4096 8192
 //! knob WG: 32 64 128 256
@@ -48,7 +49,7 @@
 //! knob NORM: 0 1
 //! knob XQ: 0 1
 //! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ
-//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K')))
+//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
 //! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
@@ -187,7 +188,7 @@ fn x8(xo: u32, e: u32) -> X8 {
 }
 #endif
 
-#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K'
+#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K' || DTYPE == 'Q6_KX'
 fn load_word_a(i: u32) -> u32 {
     return w_a[i >> 2u][i & 3u];
 }
@@ -202,7 +203,7 @@ fn load_word_a(i: u32) -> u32 {
 #endif
 #include matvec_rows.wgsl as _a
 #if DTYPE_B != 'NONE'
-#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K'
+#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_KX'
 fn load_word_b(i: u32) -> u32 {
     return w_b[i >> 2u][i & 3u];
 }
@@ -218,7 +219,7 @@ fn load_word_b(i: u32) -> u32 {
 #include matvec_rows.wgsl as _b DTYPE=DTYPE_B
 #endif
 #if DTYPE_C != 'NONE'
-#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K'
+#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_KX'
 fn load_word_c(i: u32) -> u32 {
     return w_c[i >> 2u][i & 3u];
 }
@@ -237,20 +238,20 @@ fn load_word_c(i: u32) -> u32 {
 #include act.wgsl
 
 #hook FUSED
-#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K'
+#if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K' || DTYPE == 'Q6_KX'
 @group(0) @binding(0) var<storage, read> w_a: array<vec4<u32>>;
 #else
 @group(0) @binding(0) var<storage, read> w_a: array<u32>;
 #endif
 #if DTYPE_B != 'NONE'
-#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K'
+#if DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_KX'
 @group(0) @binding(1) var<storage, read> w_b: array<vec4<u32>>;
 #else
 @group(0) @binding(1) var<storage, read> w_b: array<u32>;
 #endif
 #endif
 #if DTYPE_C != 'NONE'
-#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K'
+#if DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_KX'
 @group(0) @binding(2) var<storage, read> w_c: array<vec4<u32>>;
 #else
 @group(0) @binding(2) var<storage, read> w_c: array<u32>;

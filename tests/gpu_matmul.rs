@@ -86,17 +86,20 @@ fn dtype(knobs: &Knobs) -> DType {
 }
 
 /// The GGUF dtype of a DTYPE knob value (a weight layout on the GPU, see
-/// DType::gpu_layout): Q4_0X is Q4_0 re-laid.
+/// DType::gpu_layout): Q4_0X is Q4_0 re-laid, Q6_KX Q6_K.
 fn layout_dtype(name: &str) -> Option<DType> {
-    match name {
-        "Q4_0X" => Some(DType::Q4_0),
-        _ => DType::from_name(name),
-    }
+    DType::from_gpu_layout(name).map(|l| l.0)
+}
+
+/// Elements per re-laid group of a layout (1 for GGUF layouts): rows must
+/// be whole groups.
+fn layout_group(name: &str) -> usize {
+    DType::from_gpu_layout(name).map_or(1, |l| l.1)
 }
 
 /// Raw GGUF rows of `k` elements of `dt`, uploaded in the layout `layout`
-/// names (re-laid as the backend does for Q4_0X; kernels for the GGUF
-/// layout take any K).
+/// names (re-laid as the backend does for Q4_0X and Q6_KX; kernels for the
+/// GGUF layout take any K).
 fn upload_weights(
     ctx: &GpuContext,
     layout: &str,
@@ -104,7 +107,7 @@ fn upload_weights(
     k: usize,
     bytes: &[u8],
 ) -> wgpu::Buffer {
-    if layout == "Q4_0X" {
+    if layout_group(layout) > 1 {
         assert_eq!(dt.gpu_layout(k), layout, "K = {k} has no {layout} layout");
         kernel::storage(ctx, "w", &dt.to_gpu_layout(k, bytes))
     } else {
@@ -169,7 +172,8 @@ fn check_matmul(
         .filter(|v| *v != "NONE")
         .collect();
     let pair = knobs.get("PAIR").is_some_and(|v| v == "1");
-    // Q4_0X rows are whole 256-element groups.
+    // Rows of re-laid layouts are whole groups (Q4_0X 256 elements, Q6_KX
+    // 2048).
     let kk = std::iter::once(dt)
         .chain(extra.iter().copied())
         .map(|d| match d.block_size() {
@@ -177,10 +181,10 @@ fn check_matmul(
             32 => 1,
             _ => 2,
         })
-        .chain(layouts.iter().filter(|l| **l == "Q4_0X").map(|_| 2))
         .max()
         .map(|c| [99, 96, 512][c])
-        .unwrap_or(99);
+        .unwrap_or(99)
+        .max(layouts.iter().map(|l| layout_group(l)).max().unwrap_or(1));
     // NORM=1 (an RMSNorm folded in as a scale; the default hook has no norm
     // weight and eps 1e-6) reads whole vec4 rows: K a multiple of 4.
     let norm = knobs.get("NORM").is_some_and(|v| v == "1");
@@ -446,7 +450,7 @@ fn matmul_vec_all_variants() {
             },
         ],
         // The int8-input path (XQ) with one weight, with a pair, and with
-        // three siblings of mixed dtypes.
+        // three siblings of mixed dtypes and layouts.
         &[
             &[
                 ("DTYPE_B", "NONE"),
@@ -467,6 +471,15 @@ fn matmul_vec_all_variants() {
             &[
                 ("DTYPE_B", "Q8_0"),
                 ("DTYPE_C", "Q4_0"),
+                ("PAIR", "0"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+            ],
+            // A Q4_K_M-style QKV: a re-laid Q6_K V beside Q4_K.
+            &[
+                ("DTYPE_B", "Q4_K"),
+                ("DTYPE_C", "Q6_KX"),
                 ("PAIR", "0"),
                 ("XS", "0"),
                 ("NORM", "0"),
@@ -522,10 +535,9 @@ fn check_embed(
     s: EmbedShape,
 ) -> Result<(), String> {
     let dt = dtype(knobs);
-    let d = if knobs["DTYPE"] == "Q4_0X" {
-        512
-    } else {
-        k_for(dt)
+    let d = match layout_group(&knobs["DTYPE"]) {
+        1 => k_for(dt),
+        g => g.max(512),
     };
     let bytes = random_weights(rng, dt, s.rows, d);
     let table = dequant::dequantize(dt, &bytes, s.rows * d).expect("CPU dequant");
@@ -634,7 +646,11 @@ fn embed_all_variants() {
 fn templates_cover_every_supported_dtype() {
     let mut want: Vec<String> = DType::supported().map(|d| d.to_string()).collect();
     // Layouts of their own on the GPU (DType::gpu_layout).
-    want.push("Q4_0X".into());
+    want.extend(
+        kiln::model::dtype::GPU_LAYOUTS
+            .iter()
+            .map(|l| l.1.to_string()),
+    );
     want.sort();
     for name in ["matmul_vec", "matmul_tiled", "embed"] {
         let t = codegen::template(name).unwrap();
@@ -714,7 +730,7 @@ fn print_speed() {
     };
     let all = [
         "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_0X", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K",
-        "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+        "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q6_KX",
     ];
     let want = std::env::var("KILN_SPEED_DTYPES").ok();
     let dtypes: Vec<&str> = all

@@ -278,53 +278,100 @@ fn qwen2_biases_fold_into_the_qkv_matmul() {
     );
 }
 
-/// The tiny qwen2 model four times as wide (rows of 256 and 512 elements),
-/// every matrix Q4_0: its weights go to the GPU re-laid (Q4_0X).
-fn tiny_wide_q4_0() -> Spec {
+/// The tiny qwen2 model widened (rows of 256 elements, the feed-forward
+/// `ffn` wide), with every matrix `dtype` and the down projections `down`.
+fn tiny_wide(ffn: u64, dtype: &str, down: &str) -> Spec {
     let mut s = tiny();
     let wide = |d: u64| match d {
         32 => 128,
         64 => 256,
-        128 => 512,
+        128 => ffn,
         d => d,
     };
     for t in &mut s.tensors {
         for d in &mut t.2 {
             *d = wide(*d);
         }
+        if t.2.len() >= 2 {
+            t.1 = if t.0.contains("ffn_down") {
+                down
+            } else {
+                dtype
+            }
+            .to_string();
+        }
     }
     for (key, v) in [
         ("qwen2.embedding_length", 256),
-        ("qwen2.feed_forward_length", 512),
+        ("qwen2.feed_forward_length", ffn),
         ("qwen2.rope.dimension_count", 64),
     ] {
         s.metadata
             .insert(key.into(), serde_json::json!({ "u32": v }));
     }
-    s.with_mix("q4_0").expect("q4_0 mix")
+    s
 }
 
-/// Q4_0 weights re-laid on the GPU (Q4_0X) through the whole backend: the
-/// plan reads every matrix in that layout, and prefill (tiled matmuls),
-/// decode (fused matmuls with f32 inputs, and with int8 inputs as rows over
-/// the staging limit get them) and the embedding equal the CPU reference,
-/// which reads the GGUF bytes.
+/// Q4_0 weights re-laid on the GPU (Q4_0X, rows of 256 and 512 elements)
+/// through the whole backend (see relaid_layout_matches_cpu).
 #[test]
 fn q4_0_relaid_on_the_gpu_matches_cpu() {
+    relaid_layout_matches_cpu(
+        &tiny_wide(512, "Q4_0", "Q4_0"),
+        "Q4_0X",
+        Some("Q4_0"),
+        FeatureRequest::All,
+    );
+}
+
+/// Q6_K down projections with rows of 2048 elements re-laid on the GPU
+/// (Q6_KX) beside Q4_K matrices and a Q6_K V projection too short to
+/// re-lay.
+#[test]
+fn q6_k_relaid_on_the_gpu_matches_cpu() {
+    let mut s = tiny_wide(2048, "Q4_K", "Q6_K");
+    for t in &mut s.tensors {
+        if t.0.contains("attn_v.weight") {
+            t.1 = "Q6_K".into();
+        }
+    }
+    // Without shader-f16: this model's random feed-forward activations
+    // overflow f16 products in prefill's tiled matmuls (NaN on every
+    // layout; the int8 decode path has no f16 variant).
+    relaid_layout_matches_cpu(&s, "Q6_KX", None, FeatureRequest::Subgroups);
+}
+
+/// A model whose weights the GPU reads re-laid (`layout`), through the
+/// whole backend: the plan reads its weights in that layout, and prefill
+/// (tiled matmuls), decode (fused matmuls with f32 inputs, and with int8
+/// inputs as rows over the staging limit get them) and the embedding equal
+/// the CPU reference, which reads the GGUF bytes. `replaced`: a GGUF
+/// layout no kernel may read (every row of that type is re-laid). `req`:
+/// the adapter features.
+fn relaid_layout_matches_cpu(
+    spec: &Spec,
+    layout: &str,
+    replaced: Option<&str>,
+    req: FeatureRequest,
+) {
     use kiln::plan::{plan, Bucket, FuseOptions};
-    let g = gguf(&tiny_wide_q4_0(), 17);
+    let g = gguf(spec, 17);
     let bound = bind(&g, "qwen2.ron");
-    let caps = kiln::codegen::Caps::feature_sets(1024, 48 << 10)[3];
-    let p = plan(&bound, Bucket::One, caps, 2 << 30).unwrap();
+    let ctx = GpuContext::with_features(req)
+        .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)"));
+    let p = plan(&bound, Bucket::One, kiln::exec::kernel::caps(&ctx), 2 << 30).unwrap();
     let names: Vec<String> = p.kernels.iter().map(|k| k.name()).collect();
     assert!(
-        names.iter().any(|n| n.contains("dtypeQ4_0X"))
-            && !names.iter().any(|n| n.contains("dtypeQ4_0.")),
-        "not every Q4_0 kernel reads the re-laid layout: {names:?}"
+        names.iter().any(|n| n.contains(&format!("dtype{layout}."))),
+        "no kernel reads the {layout} layout: {names:?}"
     );
+    if let Some(r) = replaced {
+        assert!(
+            !names.iter().any(|n| n.contains(&format!("dtype{r}."))),
+            "a kernel reads {r}, not {layout}: {names:?}"
+        );
+    }
     let (want_prefill, want_decode) = cpu_logits(&bound, &g);
-    let ctx = GpuContext::with_features(FeatureRequest::EVERY[3])
-        .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh (installs lavapipe)"));
     // f32 inputs agree to f16-product precision; int8 inputs carry their
     // quantization error (~1%, as tests/fused.rs).
     for (what, opts, tol) in [

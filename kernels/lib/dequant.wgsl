@@ -1,6 +1,6 @@
 // kiln lib needs: load_word
-// Dequantization of raw GGUF bytes (or, for DTYPE Q4_0X, Q4_0 re-laid at
-// upload), shared by matmul_vec, matmul_tiled and embed. The including template defines
+// Dequantization of raw GGUF bytes (or, for DTYPE Q4_0X and Q6_KX, Q4_0
+// and Q6_K re-laid at upload), shared by matmul_vec, matmul_tiled and embed. The including template defines
 //     fn load_word(i: u32) -> u32   // 32-bit word i of its raw byte binding
 // and the knob DTYPE; this file then gives
 //     const BLOCK: u32, BLOCK_BYTES: u32   // elements and bytes per block
@@ -408,6 +408,35 @@ fn deq8(row: u32, e: u32) -> Deq8 {
     let hsh = 2u * (r / 32u);
     let q0 = vec4<i32>(bits4(load_u32(lo), lsh, 15u) | (bits4(load_u32(hi), hsh, 3u) << vec4<u32>(4u)));
     let q1 = vec4<i32>(bits4(load_u32(lo + 4u), lsh, 15u) | (bits4(load_u32(hi + 4u), hsh, 3u) << vec4<u32>(4u)));
+    return Deq8(dl * vec4<f32>(q0 - 32), dl * vec4<f32>(q1 - 32));
+}
+#endif
+
+#if DTYPE == 'Q6_KX'
+// Q6_K re-laid at upload (DType::gpu_layout in src/model/dtype.rs): per
+// 2048 elements (eight super-blocks, 1680 bytes) the eight ql fields
+// (128t), qh (1024 + 64t), int8 scales (1536 + 16t) and f16 d (1664 + 2t)
+// of super-block t; inside each field as Q6_K.
+const BLOCK: u32 = 256u;
+const BLOCK_BYTES: u32 = 210u;
+
+fn deq8(row: u32, e: u32) -> Deq8 {
+    let g = row + (e / 2048u) * 1680u;
+    let t = (e / 256u) % 8u;
+    let k = e % 256u;
+    let h = k / 128u;
+    let r = k % 128u;
+    let sc = f32(bitcast<i32>(load_u8(g + 1536u + 16u * t + k / 16u) << 24u) >> 24u);
+    let dl = load_f16(g + 1664u + 2u * t) * sc;
+    let lo = g + 128u * t + h * 64u + r % 64u;
+    let hi = g + 1024u + 64u * t + h * 32u + r % 32u;
+    let lsh = 4u * (r / 64u);
+    let hsh = 2u * (r / 32u);
+    // Fields start 16-byte aligned and e % 8 == 0: whole words.
+    let lw = lo >> 2u;
+    let hw = hi >> 2u;
+    let q0 = vec4<i32>(bits4(load_word(lw), lsh, 15u) | (bits4(load_word(hw), hsh, 3u) << vec4<u32>(4u)));
+    let q1 = vec4<i32>(bits4(load_word(lw + 1u), lsh, 15u) | (bits4(load_word(hw + 1u), hsh, 3u) << vec4<u32>(4u)));
     return Deq8(dl * vec4<f32>(q0 - 32), dl * vec4<f32>(q1 - 32));
 }
 #endif

@@ -123,6 +123,26 @@ fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
     let sc = f32(bitcast<i32>(load_u8(b + 192u + k / 16u) << 24u) >> 24u);
     return scale_at(b + 208u) * sc * (256.0 * s - 288.0 * sx);
 }
+#elif DTYPE == 'Q6_KX'
+// As Q6_K, from the re-laid groups (dequant.wgsl): the words are aligned.
+fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
+    let g = row + (e / 2048u) * 1680u;
+    let t = (e / 256u) % 8u;
+    let k = e % 256u;
+    let h = k / 128u;
+    let r = k % 128u;
+    let lw = (g + 128u * t + h * 64u + r % 64u) >> 2u;
+    let hw = (g + 1024u + 64u * t + h * 32u + r % 32u) >> 2u;
+    let lsh = 4u * (r / 64u);
+    let hsh = 2u * (r / 32u);
+    let m4 = 0x0f0f0f0fu;
+    let m2 = 0x03030303u;
+    let u0 = ((load_word(lw) >> lsh) & m4) | (((load_word(hw) >> hsh) & m2) << 4u);
+    let u1 = ((load_word(lw + 1u) >> lsh) & m4) | (((load_word(hw + 1u) >> hsh) & m2) << 4u);
+    let s = dot(ubytes(u0), xa) + dot(ubytes(u1), xb);
+    let sc = f32(bitcast<i32>(load_u8(g + 1536u + 16u * t + k / 16u) << 24u) >> 24u);
+    return scale_at(g + 1664u + 2u * t) * sc * (256.0 * s - 288.0 * sx);
+}
 #else
 // Other formats: the dequantized piece.
 fn dot8(row: u32, e: u32, xa: vec4<f32>, xb: vec4<f32>, sx: f32) -> f32 {
@@ -306,6 +326,48 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let sb = load_u32(so + 4u);
     let sc = vec4<f32>(vec4<i32>(bitcast<i32>(sa << 24u), bitcast<i32>(sa << 8u), bitcast<i32>(sb << 24u), bitcast<i32>(sb << 8u)) >> vec4<u32>(24u));
     return scale_at(b + 208u) * dot(sc, xp.d * s - 32.0 * xp.s);
+}
+#elif DTYPE == 'Q6_KX'
+// Piece p: 32 elements of super-block p / 8, half h = (p / 4) % 2,
+// l = 16 (p % 4): the 16 ql bytes at 64h + l (one aligned vector; low
+// nibbles are elements 128h + l.., high ones 128h + 64 + l..) and the 16 qh
+// bytes at 32h + l % 32 (one vector; their 2-bit fields at 2 (l / 32) and
+// 4 + 2 (l / 32)), of the re-laid groups (dequant.wgsl). Each half is one
+// 16-element sub-block with its own int8 scale.
+const PIECE: u32 = 32u;
+
+fn xq_piece(pi: u32) -> XP {
+    let e = (pi / 4u) * 128u + (pi % 4u) * 16u;
+    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
+    let r = vec4<u32>(xq_word(e + 64u), xq_word(e + 68u), xq_word(e + 72u), xq_word(e + 76u));
+    let d = vec2<f32>(xq_d(e), xq_d(e + 64u));
+    let s = vec2<f32>(
+        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
+        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
+    );
+    return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+}
+
+// d · Σ_halves sc · Σ (q − 32)·q_x·dx.
+fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
+    let g = row + (pi / 64u) * 1680u;
+    let t = (pi / 8u) % 8u;
+    let h = (pi / 4u) % 2u;
+    let l = (pi % 4u) * 16u;
+    let w = load_vec4((g + 128u * t + 64u * h + l) >> 4u);
+    let hb = load_vec4((g + 1024u + 64u * t + 32u * h + l % 32u) >> 4u);
+    let sv = load_vec4((g + 1536u + 16u * t) >> 4u);
+    let hsh = vec4<u32>(2u * (l / 32u));
+    let m4 = vec4<u32>(0x0f0f0f0fu);
+    let m2 = vec4<u32>(0x03030303u);
+    let lo = (w & m4) | (((hb >> hsh) & m2) << vec4<u32>(4u));
+    let hi = ((w >> vec4<u32>(4u)) & m4) | (((hb >> (hsh + vec4<u32>(4u))) & m2) << vec4<u32>(4u));
+    let slo = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w));
+    let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
+    // The halves' int8 scales: byte l / 16 of words 2h and 2h + 1.
+    let sw = select(sv.xy, sv.zw, h == 1u) << vec2<u32>(24u - 8u * (l / 16u));
+    let sc = vec2<f32>(bitcast<vec2<i32>>(sw) >> vec2<u32>(24u));
+    return scale_at(g + 1664u + 2u * t) * (sc.x * (xp.d.x * f32(slo) - 32.0 * xp.s.x) + sc.y * (xp.d.y * f32(shi) - 32.0 * xp.s.y));
 }
 #endif
 

@@ -132,47 +132,76 @@ impl DType {
     }
 }
 
-/// Q4_0 rows of a multiple of this many elements go to the GPU re-laid
-/// ([`DType::gpu_layout`]).
-pub const Q4_0X_SUPER: usize = 256;
+/// The layouts kiln re-lays weights into at upload, so that kernels read
+/// aligned 16-byte fields: (GGUF type, layout name as DTYPE knobs spell
+/// it, elements per re-laid group; rows of a multiple of it are re-laid).
+/// A group's bytes are GGUF's bytes for the same elements, so row sizes and
+/// offsets do not change.
+pub const GPU_LAYOUTS: [(DType, &str, usize); 2] =
+    [(DType::Q4_0, "Q4_0X", 256), (DType::Q6_K, "Q6_KX", 2048)];
 
 impl DType {
     /// The layout of rows of `k` elements of this type in a GPU buffer, as
     /// kernel templates name it in their DTYPE knobs: the GGUF layout
-    /// (the type's name), except Q4_0 rows of a multiple of 256 elements,
-    /// which are uploaded as "Q4_0X": per 256 elements (eight blocks, 144
-    /// bytes, as in GGUF) the eight blocks' 16 nibble bytes first, each
-    /// 16-byte aligned, then their eight f16 scales. Row bytes and row
-    /// offsets are GGUF's; a kernel loads a block's nibbles as one aligned
-    /// 16-byte vector instead of out of unaligned 18-byte blocks (measured
-    /// on an H200: an int8 matvec streams at ~3.7 TB/s against ~2.6).
+    /// (the type's name), except where [`GPU_LAYOUTS`] re-lays the rows
+    /// (measured on an H200: an int8 matvec over aligned 16-byte fields
+    /// streams at ~3.7 TB/s, over GGUF's unaligned blocks ~2.6):
+    ///
+    /// - "Q4_0X", Q4_0 rows of whole 256-element groups: per group (eight
+    ///   blocks, 144 bytes) the eight blocks' 16 nibble bytes first, each
+    ///   16-byte aligned, then their eight f16 scales;
+    /// - "Q6_KX", Q6_K rows of whole 2048-element groups: per group (eight
+    ///   super-blocks, 1680 bytes) the eight 128-byte `ql` fields, then the
+    ///   eight 64-byte `qh`, the eight 16-byte int8 `scales` and the eight
+    ///   f16 `d` (offsets 128t, 1024 + 64t, 1536 + 16t, 1664 + 2t for
+    ///   super-block t).
     pub fn gpu_layout(self, k: usize) -> String {
-        if self.relaid_on_gpu(k) {
-            "Q4_0X".to_string()
-        } else {
-            self.to_string()
+        match self.relaid_on_gpu(k) {
+            Some(name) => name.to_string(),
+            None => self.to_string(),
         }
     }
 
-    /// Whether rows of `k` elements of this type go to the GPU re-laid
-    /// (Q4_0X).
-    fn relaid_on_gpu(self, k: usize) -> bool {
-        self == DType::Q4_0 && k.is_multiple_of(Q4_0X_SUPER)
+    /// The re-laid layout rows of `k` elements of this type go to the GPU
+    /// in, if any.
+    fn relaid_on_gpu(self, k: usize) -> Option<&'static str> {
+        GPU_LAYOUTS
+            .iter()
+            .find(|(d, _, group)| *d == self && k.is_multiple_of(*group))
+            .map(|r| r.1)
+    }
+
+    /// The GGUF type a GPU layout name ([`DType::gpu_layout`]) holds, and
+    /// the elements per re-laid group (1 for GGUF layouts).
+    pub fn from_gpu_layout(name: &str) -> Option<(DType, usize)> {
+        match GPU_LAYOUTS.iter().find(|r| r.1 == name) {
+            Some(r) => Some((r.0, r.2)),
+            None => DType::from_name(name).map(|d| (d, 1)),
+        }
     }
 
     /// Whole rows of `k` elements of this type (GGUF bytes) in the layout
     /// [`DType::gpu_layout`] names: borrowed where it is GGUF's.
     pub fn to_gpu_layout(self, k: usize, bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
-        if !self.relaid_on_gpu(k) {
+        let Some(name) = self.relaid_on_gpu(k) else {
             return std::borrow::Cow::Borrowed(bytes);
-        }
+        };
         let mut out = vec![0u8; bytes.len()];
-        // 256 elements are 144 bytes in both layouts, so superblocks map
-        // one to one whatever the row length.
-        for (src, dst) in bytes.chunks(144).zip(out.chunks_mut(144)) {
-            for (t, blk) in src.chunks(18).enumerate() {
-                dst[16 * t..16 * t + 16].copy_from_slice(&blk[2..18]);
-                dst[128 + 2 * t..130 + 2 * t].copy_from_slice(&blk[..2]);
+        // A group is the same bytes in both layouts, so groups map one to
+        // one whatever the row length. Each field list is (offset in the
+        // GGUF block, length); the re-laid group holds field f of all eight
+        // blocks together, in the order of the list.
+        let (block, fields): (usize, &[(usize, usize)]) = match name {
+            "Q4_0X" => (18, &[(2, 16), (0, 2)]),
+            _ => (210, &[(0, 128), (128, 64), (192, 16), (208, 2)]),
+        };
+        for (src, dst) in bytes.chunks(8 * block).zip(out.chunks_mut(8 * block)) {
+            let mut at = 0;
+            for &(off, len) in fields {
+                for blk in src.chunks(block) {
+                    dst[at..at + len].copy_from_slice(&blk[off..off + len]);
+                    at += len;
+                }
             }
         }
         std::borrow::Cow::Owned(out)
@@ -213,6 +242,32 @@ mod tests {
             DType::Q4_0.to_gpu_layout(96, &gguf[..54]),
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    /// Q6_KX holds each super-block's bytes once, at the offsets
+    /// gpu_layout documents; rows that are not whole 2048-element groups
+    /// stay GGUF's.
+    #[test]
+    fn q6_kx_relays_whole_groups() {
+        let k = 4096;
+        let gguf: Vec<u8> = (0..2 * k / 256 * 210).map(|i| (i * 13 + 5) as u8).collect();
+        assert_eq!(DType::Q6_K.gpu_layout(k), "Q6_KX");
+        let x = DType::Q6_K.to_gpu_layout(k, &gguf);
+        assert_eq!(x.len(), gguf.len());
+        let mut back = Vec::new();
+        for g in x.chunks(1680) {
+            for t in 0..8 {
+                back.extend_from_slice(&g[128 * t..128 * t + 128]);
+                back.extend_from_slice(&g[1024 + 64 * t..1088 + 64 * t]);
+                back.extend_from_slice(&g[1536 + 16 * t..1552 + 16 * t]);
+                back.extend_from_slice(&g[1664 + 2 * t..1666 + 2 * t]);
+            }
+        }
+        assert_eq!(back, gguf);
+        assert_eq!(DType::Q6_K.gpu_layout(1024), "Q6_K");
+        assert_eq!(DType::from_gpu_layout("Q6_KX"), Some((DType::Q6_K, 2048)));
+        assert_eq!(DType::from_gpu_layout("Q6_K"), Some((DType::Q6_K, 1)));
+        assert_eq!(DType::from_gpu_layout("Q6_KY"), None);
     }
 
     #[test]

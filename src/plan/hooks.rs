@@ -269,7 +269,7 @@ pub(crate) fn plan_matvec(
                 Some(&w) => {
                     // Layouts with aligned 16-byte fields are read as
                     // vectors (matmul_vec.wgsl).
-                    let ty = if dts[j] == "Q4_0X" || dts[j] == "Q4_K" {
+                    let ty = if VECTOR_LAYOUTS.contains(&dts[j].as_str()) {
                         "array<vec4<u32>>"
                     } else {
                         "array<u32>"
@@ -512,14 +512,19 @@ fn q4_0x_workgroup(rows: usize) -> u32 {
 /// Weight layouts (DType::gpu_layout) matmul_vec multiplies with an int8
 /// input (XQ=1), with the elements one invocation takes at a time (PIECE in
 /// matvec_rows.wgsl).
-const INT8_DOT_DTYPES: [(&str, usize); 6] = [
+const INT8_DOT_DTYPES: [(&str, usize); 7] = [
     ("Q4_0", 16),
     ("Q4_0X", 32),
     ("Q4_1", 16),
     ("Q8_0", 8),
     ("Q4_K", 32),
     ("Q6_K", 16),
+    ("Q6_KX", 32),
 ];
+
+/// Weight layouts matmul_vec binds as `array<vec4<u32>>` (their 16-byte
+/// fields are aligned; the template's default hook lists the same).
+const VECTOR_LAYOUTS: [&str; 3] = ["Q4_0X", "Q4_K", "Q6_KX"];
 
 /// The int8 piece size of a weight `layout` (DType::gpu_layout), if
 /// matmul_vec has an int8 path for it.
