@@ -9,6 +9,7 @@ use super::{heads, knob, numel, u, uc, Buf, Builder, Groups, Lin, WeightPlan, Wo
 use crate::codegen::Hooks;
 use crate::error::{Error, Result};
 use crate::graph::ir::{BoundGraph, BoundOp, Dim, RopeMode, Unary, ValueId};
+use crate::model::dtype::DType;
 
 /// Staging capacities of matmul_vec's prologue (its XS knob).
 const XS: [usize; 4] = [1024, 2048, 4096, 8192];
@@ -232,14 +233,17 @@ pub(crate) fn plan_matvec(
     if int8 {
         let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
         let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
-        // Q4_0X: whole blocks, one aligned vector each (see q4_0x_workgroup).
-        let q4_0x = dts.iter().any(|d| d == "Q4_0X");
-        wg_knob = if q4_0x {
+        // Re-laid weights (Q4_0X, Q6_KX): each piece aligned vectors (see
+        // aligned_workgroup).
+        let relaid = dts
+            .iter()
+            .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
+        wg_knob = if relaid {
             let rows: usize = if pair { &ws[..1] } else { &ws[..] }
                 .iter()
                 .map(|&w| g.weights[w].dims[1..].iter().product::<usize>())
                 .sum();
-            q4_0x_workgroup(rows).to_string()
+            aligned_workgroup(rows).to_string()
         } else {
             int8_workgroup(row, k, piece).to_string()
         };
@@ -248,11 +252,12 @@ pub(crate) fn plan_matvec(
         // scale words a row): two rows a workgroup instead of four. H200,
         // Llama-3-8B Q4_K_M: its Q6_K down projections 674 -> 554 µs a
         // step; a QKV with a Q6_K V the same (271 -> 274); Q4_0 and Q4_K
-        // rows gain nothing from it (Q4_K down 392 -> 412).
-        if ws
-            .iter()
-            .any(|&w| g.weights[w].dtype == crate::model::dtype::DType::Q6_K)
-        {
+        // rows gain nothing from it (Q4_K down 392 -> 412). Re-laid (Q6_KX)
+        // a Q6_K matmul of its own is lighter and runs four (down 517 ->
+        // 487 µs a step), but a QKV with a Q6_KX V still gains from two
+        // (306 -> 281 µs).
+        let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
+        if dts.iter().any(q6) {
             fixed.push(("ROWS", "2"));
         }
     }
@@ -490,18 +495,21 @@ pub(crate) fn plan_matvec(
     Ok(())
 }
 
-/// Workgroup width of an int8 matmul over Q4_0X weights with `rows`
-/// output rows, counted at ROWS = 4 a workgroup (a group with a Q6_K
-/// sibling runs two rows a workgroup, twice as many; and unlike
-/// int8_workgroup the width ignores K, so at K = 3584 some of 128
-/// invocations have no block: measured fine on Qwen2.5-7B, not tuned): 32 invocations (one subgroup on
-/// NVIDIA, four blocks each of a 4096 row) where there are at least 2048
-/// workgroups, else 128 so that the fewer workgroups still fill the GPU.
-/// Measured on the H200 (Llama-3-8B Q4_0 step, µs, widths 32 / 64 / 128):
-/// gate/up (14336 rows, 3584 workgroups) 912 / 1101 / 1084, output
-/// projection (128256 rows) 91 / 94 / 96; down (4096 rows) 761 / 848 /
-/// 717, QKV (6144) 476 / 506 / 469, o-proj (4096) 438 / 465 / 421.
-fn q4_0x_workgroup(rows: usize) -> u32 {
+/// Workgroup width of an int8 matmul over re-laid weights (Q4_0X, Q6_KX:
+/// each piece aligned vector loads) with `rows` output rows, counted at
+/// ROWS = 4 a workgroup (a group with a Q6_K sibling runs two rows a
+/// workgroup, twice as many; and unlike int8_workgroup the width ignores
+/// K, so at K = 3584 some of 128 invocations have no block: measured fine
+/// on Qwen2.5-7B, not tuned): 32 invocations (one subgroup on NVIDIA, four
+/// pieces each of a 4096 row) where there are at least 2048 workgroups,
+/// else 128 so that the fewer workgroups still fill the GPU. Measured on
+/// the H200 (Llama-3-8B Q4_0 step, µs, widths 32 / 64 / 128): gate/up
+/// (14336 rows, 3584 workgroups) 912 / 1101 / 1084, output projection
+/// (128256 rows) 91 / 94 / 96; down (4096 rows) 761 / 848 / 717, QKV
+/// (6144) 476 / 506 / 469, o-proj (4096) 438 / 465 / 421. Q6_KX alone
+/// (gpu_matmul print_speed, int8, ROWS 4): K=4096 N=128256 3.89 TB/s at
+/// 32 wide against 3.08 at 128; K=14336 N=4096 2.48 at 128, 1.68 at 32.
+fn aligned_workgroup(rows: usize) -> u32 {
     if rows.div_ceil(4) >= 2048 {
         32
     } else {
@@ -856,13 +864,13 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{int8_workgroup, q4_0x_workgroup, INT8_DOT_DTYPES};
+    use super::{aligned_workgroup, int8_workgroup, INT8_DOT_DTYPES};
 
-    /// Q4_0X int8 matmuls: 32 wide with many workgroups (the 8B
-    /// feed-forward, the output projection), 128 with few (QKV, o-proj,
-    /// down), as measured on the H200.
+    /// Int8 matmuls over re-laid weights: 32 wide with many workgroups
+    /// (the 8B feed-forward, the output projection), 128 with few (QKV,
+    /// o-proj, down), as measured on the H200.
     #[test]
-    fn q4_0x_workgroups_follow_the_workgroup_count() {
+    fn aligned_workgroups_follow_the_workgroup_count() {
         for (rows, want) in [
             (14336, 32),
             (128256, 32),
@@ -871,7 +879,7 @@ mod tests {
             (6144, 128),
             (8188, 128),
         ] {
-            assert_eq!(q4_0x_workgroup(rows), want, "{rows} rows");
+            assert_eq!(aligned_workgroup(rows), want, "{rows} rows");
         }
     }
 
