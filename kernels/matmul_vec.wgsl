@@ -43,13 +43,13 @@
 //! knob PAIR: 0 1
 //! knob XS: 0 1024 2048 4096 8192
 //! knob WG: 32 64 128 256
-//! knob ROWS: 1 2 4
+//! knob ROWS: 1 2 8 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
 //! knob NORM: 0 1
 //! knob XQ: 0 1
 //! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ
-//! require: (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
+//! require: (ROWS != 8 || XQ == 0) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
 //! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;

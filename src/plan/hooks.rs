@@ -230,6 +230,11 @@ pub(crate) fn plan_matvec(
     // Q8_0 at K=3584: 256 (14.9 B) beats 128 (29.8 B) by 3%; Q4_K at K=4096
     // with 256 left half the invocations without a piece (172 -> 197 with
     // 128); at K=14336 128 and 256 are the same.
+    // Output rows of the group (a pair's count once: its rows go together).
+    let n_rows: usize = if pair { &ws[..1] } else { &ws[..] }
+        .iter()
+        .map(|&w| g.weights[w].dims[1..].iter().product::<usize>())
+        .sum();
     if int8 {
         let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
         let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
@@ -239,11 +244,7 @@ pub(crate) fn plan_matvec(
             .iter()
             .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
         wg_knob = if relaid {
-            let rows: usize = if pair { &ws[..1] } else { &ws[..] }
-                .iter()
-                .map(|&w| g.weights[w].dims[1..].iter().product::<usize>())
-                .sum();
-            aligned_workgroup(rows).to_string()
+            aligned_workgroup(n_rows).to_string()
         } else {
             int8_workgroup(row, k, piece).to_string()
         };
@@ -260,6 +261,20 @@ pub(crate) fn plan_matvec(
         if dts.iter().any(q6) {
             fixed.push(("ROWS", "2"));
         }
+    } else if n_rows.div_ceil(4) >= WIDE_OUTPUT_WORKGROUPS {
+        // f32 input over very many workgroups (an output projection over a
+        // large vocabulary): 64 invocations and 8 rows a workgroup. Each
+        // workgroup stages (and with a prologue normalizes) the whole
+        // input row again, and at the short rows such models have most of
+        // 256 invocations idle. H200, output projections: Gemma 3 (262144
+        // rows of 640) 517 -> 336 µs a step at 64 wide, 282 with 8 rows;
+        // SmolLM2 (49152 of 576) 82 -> 55 -> 53; the per-layer matmuls
+        // (<= 2048 workgroups) are faster at 256 wide and 4 rows (SmolLM2
+        // o-proj 347 -> 425 µs at 64 wide; either model 5-12% slower in
+        // decode with 8 rows everywhere; matmul_vec.wgsl lists ROWS 8
+        // before 4 so that 4 stays the default).
+        fixed.push(("WG", "64"));
+        fixed.push(("ROWS", "8"));
     }
     let fused = describe(g, m);
     for c in 0..weights[ws[0]].chunks.len() {
@@ -516,6 +531,10 @@ fn aligned_workgroup(rows: usize) -> u32 {
         128
     }
 }
+
+/// Workgroups (at four rows each) from which an f32-input matvec runs
+/// narrow workgroups (plan_matvec).
+const WIDE_OUTPUT_WORKGROUPS: usize = 8192;
 
 /// Weight layouts (DType::gpu_layout) matmul_vec multiplies with an int8
 /// input (XQ=1), with the elements one invocation takes at a time (PIECE in
