@@ -165,6 +165,22 @@ fn dot_nibbles(w0: u32, w1: u32, q: vec4<u32>) -> i32 {
         + (dot4I8Packed((w0 >> 4u) & m4, q.z) + dot4I8Packed((w1 >> 4u) & m4, q.w));
 }
 
+#if DTYPE == 'Q4_K' || DTYPE == 'Q6_KX'
+// The input of two 16-element runs at e0 and e1, each inside one 32-element
+// block: words q (e0..) and r (e1..), the blocks' scales d.xy and
+// d · Σ q of each run in s.xy.
+fn xq_runs(e0: u32, e1: u32) -> XP {
+    let q = vec4<u32>(xq_word(e0), xq_word(e0 + 4u), xq_word(e0 + 8u), xq_word(e0 + 12u));
+    let r = vec4<u32>(xq_word(e1), xq_word(e1 + 4u), xq_word(e1 + 8u), xq_word(e1 + 12u));
+    let d = vec2<f32>(xq_d(e0), xq_d(e1));
+    let s = vec2<f32>(
+        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
+        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
+    );
+    return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+}
+#endif
+
 #if DTYPE == 'Q4_0' || DTYPE == 'Q4_1'
 // Piece p: half h = p % 2 of block p / 2's 16 nibble bytes (bytes
 // 8h..8h+8): the low nibbles are elements 8h.., the high ones 16 + 8h..
@@ -246,14 +262,7 @@ const PIECE: u32 = 32u;
 
 fn xq_piece(pi: u32) -> XP {
     let e = (pi / 2u) * 64u + (pi % 2u) * 16u;
-    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
-    let r = vec4<u32>(xq_word(e + 32u), xq_word(e + 36u), xq_word(e + 40u), xq_word(e + 44u));
-    let d = vec2<f32>(xq_d(e), xq_d(e + 32u));
-    let s = vec2<f32>(
-        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
-        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
-    );
-    return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+    return xq_runs(e, e + 32u);
 }
 
 // (sc, m) of sub-blocks 2i and 2i + 1 from the 12 scale bytes (words
@@ -338,14 +347,7 @@ const PIECE: u32 = 32u;
 
 fn xq_piece(pi: u32) -> XP {
     let e = (pi / 4u) * 128u + (pi % 4u) * 16u;
-    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
-    let r = vec4<u32>(xq_word(e + 64u), xq_word(e + 68u), xq_word(e + 72u), xq_word(e + 76u));
-    let d = vec2<f32>(xq_d(e), xq_d(e + 64u));
-    let s = vec2<f32>(
-        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
-        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
-    );
-    return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
+    return xq_runs(e, e + 64u);
 }
 
 // d · Σ_halves sc · Σ (q − 32)·q_x·dx.
