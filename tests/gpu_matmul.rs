@@ -97,6 +97,15 @@ fn layout_group(name: &str) -> usize {
     DType::from_gpu_layout(name).map_or(1, |l| l.1)
 }
 
+/// Row length for a re-laid layout's tests: two groups (so that the group
+/// stride is exercised), or 0 for GGUF layouts.
+fn relaid_k(name: &str) -> usize {
+    match layout_group(name) {
+        1 => 0,
+        g => 2 * g,
+    }
+}
+
 /// Raw GGUF rows of `k` elements of `dt`, uploaded in the layout `layout`
 /// names (re-laid as the backend does for Q4_0X and Q6_KX; kernels for the
 /// GGUF layout take any K).
@@ -173,7 +182,7 @@ fn check_matmul(
         .collect();
     let pair = knobs.get("PAIR").is_some_and(|v| v == "1");
     // Rows of re-laid layouts are whole groups (Q4_0X 256 elements, Q6_KX
-    // 2048).
+    // 2048): two of them.
     let kk = std::iter::once(dt)
         .chain(extra.iter().copied())
         .map(|d| match d.block_size() {
@@ -184,7 +193,7 @@ fn check_matmul(
         .max()
         .map(|c| [99, 96, 512][c])
         .unwrap_or(99)
-        .max(layouts.iter().map(|l| layout_group(l)).max().unwrap_or(1));
+        .max(layouts.iter().map(|l| relaid_k(l)).max().unwrap_or(0));
     // NORM=1 (an RMSNorm folded in as a scale; the default hook has no norm
     // weight and eps 1e-6) reads whole vec4 rows: K a multiple of 4.
     let norm = knobs.get("NORM").is_some_and(|v| v == "1");
@@ -535,10 +544,7 @@ fn check_embed(
     s: EmbedShape,
 ) -> Result<(), String> {
     let dt = dtype(knobs);
-    let d = match layout_group(&knobs["DTYPE"]) {
-        1 => k_for(dt),
-        g => g.max(512),
-    };
+    let d = k_for(dt).max(relaid_k(&knobs["DTYPE"]));
     let bytes = random_weights(rng, dt, s.rows, d);
     let table = dequant::dequantize(dt, &bytes, s.rows * d).expect("CPU dequant");
     // Random ids around the chunk, plus its first and last rows and the
