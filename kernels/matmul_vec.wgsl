@@ -37,19 +37,34 @@
 //! quantize_rows writes it (hook xq_in(i): word i of that buffer, row m at
 //! p.xqo + m * (K/4 + K/32)); the products are integer 4-wide dot products
 //! of the packed weight fields with q (dot4I8Packed), scaled once per piece.
+//! QOUT=1 (one output, or a pair's; its rows a multiple of 32): the matmul
+//! also writes its output quantized to int8 per 32-element block for the
+//! int8 matmul that reads it next, so no quantize_rows dispatch runs
+//! between them. Each workgroup owns one block: TEAMS = 32 / ROWS teams of
+//! TW = WG / TEAMS invocations, each team its own ROWS rows (as a
+//! workgroup of TW would take them). Once the block is stored, it is read
+//! back (hook qout_x4(m, n): stored elements n..n+4 of token m),
+//! multiplied by the reader's norm weight (qout_w4(n), 1.0 without one)
+//! and written through qout_word(i, v) at p.qo + m * (N/4 + N/32): N/4
+//! words of q, N/32 block scales (quantize_rows' layout), and after all M
+//! rows the per-block Σ x² (raw x) at p.qo + M (N/4 + N/32) + m N/32, from
+//! which the reader's NORM takes its 1 / rms.
+//! With XQ=1, NORM=1 reads that Σ x² (after the int8 rows, p.xqo + M (K/4
+//! + K/32) + m K/32) instead of summing x² itself.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL NONE
 //! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob PAIR: 0 1
 //! knob XS: 0 1024 2048 4096 8192
-//! knob WG: 32 64 128 256
+//! knob WG: 32 64 128 256 512 1024
 //! knob ROWS: 1 2 8 4
 //! knob SUBGROUPS: 0 1
 //! knob F16: 0 1
 //! knob NORM: 0 1
 //! knob XQ: 0 1
-//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ
-//! require: (ROWS != 8 || XQ == 0) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && NORM == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
+//! knob QOUT: 0 1
+//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT
+//! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && XS == 0 && WG * ROWS >= 256 && WG * ROWS <= 4096)) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
 //! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
 #if F16
 enable f16;
@@ -66,11 +81,20 @@ struct Params {
     ldy: u32,
     // XQ: the word where row 0 of the quantized input starts.
     xqo: u32,
+    // QOUT: the word of qout_word where row 0 of the quantized output starts.
+    qo: u32,
 }
 
 const WG: u32 = {{WG}}u;
 const ROWS: u32 = {{ROWS}}u;
 const NACC: u32 = 1u + {{PAIR}}u;
+#if QOUT
+const TEAMS: u32 = 32u / ROWS;
+#else
+const TEAMS: u32 = 1u;
+#endif
+// Invocations that share ROWS rows (matvec_rows.wgsl's stride).
+const TW: u32 = WG / TEAMS;
 
 // partial[(j * ROWS + r) * WG + i]: accumulator j, row r, from invocation
 // (or subgroup) i.
@@ -120,6 +144,13 @@ fn xq_sum(w: u32, d: f32) -> f32 {
 
 #endif
 var<private> lid_: u32;
+// This invocation's index in its team.
+var<private> tl_: u32;
+#if QOUT && SUBGROUPS
+// 1 where some subgroup holds invocations of two teams (then the teams
+// reduce through workgroup memory).
+var<workgroup> mixed_: u32;
+#endif
 #if NORM
 // 1 / rms of this token's raw input row.
 var<private> norm_r_: f32;
@@ -156,6 +187,34 @@ fn wg_sum(v: f32) -> f32 {
     }
     return red[0];
 #endif
+}
+
+// Σ over the team's invocations of a[r] (and b[r]), for r = tl_ < ROWS
+// (call in uniform control flow).
+fn team_tree(a: array<f32, ROWS>, b: array<f32, ROWS>, team: u32) -> vec2<f32> {
+    for (var r = 0u; r < ROWS; r++) {
+        partial[r * WG + lid_] = a[r];
+#if PAIR
+        partial[(ROWS + r) * WG + lid_] = b[r];
+#endif
+    }
+    workgroupBarrier();
+    for (var stride = TW / 2u; stride > 0u; stride /= 2u) {
+        if tl_ < stride {
+            for (var j = 0u; j < ROWS * NACC; j++) {
+                partial[j * WG + lid_] += partial[j * WG + lid_ + stride];
+            }
+        }
+        workgroupBarrier();
+    }
+    var t = vec2<f32>(0.0);
+    if tl_ < ROWS {
+        t.x = partial[tl_ * WG + team * TW];
+#if PAIR
+        t.y = partial[(ROWS + tl_) * WG + team * TW];
+#endif
+    }
+    return t;
 }
 
 struct X8 {
@@ -264,6 +323,22 @@ fn load_word_c(i: u32) -> u32 {
 #endif
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<uniform> p: Params;
+#if QOUT
+@group(0) @binding(6) var<storage, read_write> yq: array<u32>;
+
+fn qout_x4(m: u32, n: u32) -> vec4<f32> {
+    let i = m * p.ldy + p.n_offset + n;
+    return vec4<f32>(y[i], y[i + 1u], y[i + 2u], y[i + 3u]);
+}
+
+fn qout_w4(n: u32) -> vec4<f32> {
+    return vec4<f32>(1.0);
+}
+
+fn qout_word(i: u32, v: u32) {
+    yq[i] = v;
+}
+#endif
 
 #if XQ
 fn xq_in(i: u32) -> u32 {
@@ -316,6 +391,8 @@ fn main(
 #endif
 ) {
     lid_ = lid;
+    tl_ = lid % TW;
+    let team = lid / TW;
 #if SUBGROUPS
     sg_lane_ = sg_lane;
     sg_id_ = sg_id;
@@ -324,39 +401,55 @@ fn main(
     let g = wg.x + wg.y * nwg.x;
     let m = wg.z;
     prologue(m, g);
+#if XQ
+    xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
+#endif
 #if NORM
-    // The folded RMSNorm: Σ x² over the raw row (p.k % 4 == 0), before any
-    // workgroup returns (wg_sum needs uniform control flow).
+    // The folded RMSNorm: Σ x² over the raw row (p.k % 4 == 0), or with XQ
+    // the producer's per-block sums; reduced over the workgroup after the
+    // dot products, so that the weight loads go first.
     var ssq = 0.0;
+#if XQ
+    let so = p.xqo + p.m * (p.k / 4u + p.k / 32u) + m * (p.k / 32u);
+    for (var i = lid; i < p.k / 32u; i += WG) {
+        ssq += bitcast<f32>(xq_in(so + i));
+    }
+#else
     for (var i = lid; i < p.k / 4u; i += WG) {
         let v = x_in4(m * p.k + 4u * i);
         ssq += dot(v, v);
     }
-    norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
 #endif
-#if XQ
-    xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
+#endif
+    // This team's rows: row group vg of the dispatch.
+#if QOUT
+    let vg = g * TEAMS + team;
+#else
+    let vg = g;
 #endif
     let ga = (p.na + ROWS - 1u) / ROWS;
     let gb = (p.nb + ROWS - 1u) / ROWS;
     let gc = (p.nc + ROWS - 1u) / ROWS;
     var seg = 0u;
-    var n0 = g * ROWS;
+    var n0 = vg * ROWS;
     var nseg = p.na;
 #if PAIR == 0
-    if g >= ga + gb {
+    if vg >= ga + gb {
         seg = 2u;
-        n0 = (g - ga - gb) * ROWS;
+        n0 = (vg - ga - gb) * ROWS;
         nseg = p.nc;
-    } else if g >= ga {
+    } else if vg >= ga {
         seg = 1u;
-        n0 = (g - ga) * ROWS;
+        n0 = (vg - ga) * ROWS;
         nseg = p.nb;
     }
 #endif
+#if QOUT == 0
+    // (QOUT: every team has rows, the dispatch covering whole blocks.)
     if n0 >= nseg {
         return;
     }
+#endif
     let xo = m * p.k;
     var a: array<f32, ROWS>;
     var b: array<f32, ROWS>;
@@ -376,62 +469,92 @@ fn main(
         a = dot_rows_c(row_offsets_c(n0, nseg, p.k), xo, p.k);
     }
 #endif
-#if SUBGROUPS
-    for (var r = 0u; r < ROWS; r++) {
-        let s = subgroupAdd(a[r]);
-#if PAIR
-        let sb = subgroupAdd(b[r]);
-#endif
-        if sg_lane == 0u {
-            partial[r * WG + sg_id] = s;
-#if PAIR
-            partial[(ROWS + r) * WG + sg_id] = sb;
-#endif
-        }
-    }
-    workgroupBarrier();
-    if lid < ROWS && n0 + lid < nseg {
-        var ta = 0.0;
-        var tb = 0.0;
-        for (var s = 0u; s < n_sg; s++) {
-            ta += partial[lid * WG + s];
-#if PAIR
-            tb += partial[(ROWS + lid) * WG + s];
-#endif
-        }
 #if NORM
-        ta *= norm_r_;
-        tb *= norm_r_;
+    norm_r_ = inverseSqrt(wg_sum(ssq) / f32(p.k) + NORM_EPS);
 #endif
-        store(seg, m, n0 + lid, ta, tb);
+    var t = vec2<f32>(0.0);
+#if SUBGROUPS
+#if QOUT
+    // Teams reduce through their subgroups where no subgroup holds two
+    // teams (every GPU seen: subgroups are runs of consecutive invocations,
+    // at most a team wide), else through workgroup memory.
+    if !subgroupAll(subgroupBroadcastFirst(team) == team) && sg_lane == 0u {
+        mixed_ = 1u;
     }
-#else
-    for (var r = 0u; r < ROWS; r++) {
-        partial[r * WG + lid] = a[r];
+    if workgroupUniformLoad(&mixed_) == 0u {
+        if sg_lane == 0u {
+            red[sg_id] = f32(team);
+        }
+#endif
+        for (var r = 0u; r < ROWS; r++) {
+            let s = subgroupAdd(a[r]);
 #if PAIR
-        partial[(ROWS + r) * WG + lid] = b[r];
+            let sb = subgroupAdd(b[r]);
 #endif
-    }
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride /= 2u) {
-        if lid < stride {
-            for (var j = 0u; j < ROWS * NACC; j++) {
-                partial[j * WG + lid] += partial[j * WG + lid + stride];
+            if sg_lane == 0u {
+                partial[r * WG + sg_id] = s;
+#if PAIR
+                partial[(ROWS + r) * WG + sg_id] = sb;
+#endif
             }
         }
         workgroupBarrier();
-    }
-    if lid < ROWS && n0 + lid < nseg {
-        var ta = partial[lid * WG];
-        var tb = 0.0;
+        if tl_ < ROWS {
+            for (var s = 0u; s < n_sg; s++) {
+#if QOUT
+                if red[s] != f32(team) {
+                    continue;
+                }
+#endif
+                t.x += partial[tl_ * WG + s];
 #if PAIR
-        tb = partial[(ROWS + lid) * WG];
+                t.y += partial[(ROWS + tl_) * WG + s];
 #endif
+            }
+        }
+#if QOUT
+    } else {
+        t = team_tree(a, b, team);
+    }
+#endif
+#else
+    t = team_tree(a, b, team);
+#endif
+    if tl_ < ROWS && n0 + tl_ < nseg {
 #if NORM
-        ta *= norm_r_;
-        tb *= norm_r_;
+        t *= norm_r_;
 #endif
-        store(seg, m, n0 + lid, ta, tb);
+        store(seg, m, n0 + tl_, t.x, t.y);
+    }
+#if QOUT
+    // The workgroup's block (rows 32 g .. 32 g + 32) is stored: quantize it
+    // as quantize_rows would, after the norm weight of the row's reader.
+    storageBarrier();
+    workgroupBarrier();
+    let nq = p.na / 32u;
+    var v = vec4<f32>(0.0);
+    if lid < 8u {
+        let e = g * 32u + 4u * lid;
+        let x = qout_x4(m, e);
+        v = x * qout_w4(e);
+        red[lid] = max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w)));
+        red[8u + lid] = dot(x, x);
+    }
+    workgroupBarrier();
+    if lid < 8u {
+        var amax = red[0];
+        var ss = red[8];
+        for (var j = 1u; j < 8u; j++) {
+            amax = max(amax, red[j]);
+            ss += red[8u + j];
+        }
+        let inv = select(0.0, 1.0 / amax, amax > 0.0);
+        let row = p.qo + m * (p.na / 4u + nq);
+        qout_word(row + g * 8u + lid, pack4x8snorm(v * inv));
+        if lid == 0u {
+            qout_word(row + p.na / 4u + g, bitcast<u32>(amax / 127.0));
+            qout_word(p.qo + p.m * (p.na / 4u + nq) + m * nq + g, bitcast<u32>(ss));
+        }
     }
 #endif
 }

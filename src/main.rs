@@ -75,7 +75,7 @@ struct ModelArgs {
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// Turn a fusion pass off (repeatable), to bisect a wrong result:
-    /// siblings, gated, epilogue, prologue, attention, split.
+    /// siblings, gated, epilogue, prologue, attention, split, quantize.
     #[arg(long = "no-fuse", value_name = "PASS")]
     no_fuse: Vec<String>,
     /// Keep matmul inputs in f32. By default decode matmuls with rows over

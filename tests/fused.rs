@@ -104,6 +104,26 @@ fn gpu_run(
         opts.stage_up_to_k == Some(0) && !opts.f32_activations,
         "{opts:?}: int8 inputs only for rows over stage_up_to_k"
     );
+    // The quantize pass: int8 rows made by the matmuls that produce them.
+    let qout = gpu.plans()[0]
+        .kernels
+        .iter()
+        .filter(|k| k.knobs.get("QOUT").is_some_and(|v| v == "1"))
+        .count();
+    // (Gemma 3 has none: its projections' outputs go through a norm
+    // before the residual add, and its down projection reads f32 rows.)
+    let arch = &b.arch;
+    // (Without quantize_every_dtype only producers where the pass pays,
+    // re-laid Q4_0 weights, which these small models may not have.)
+    let wanted = int8 && opts.on("quantize") && arch.as_str() != "gemma3";
+    assert!(
+        if wanted {
+            qout > 0 || !opts.quantize_every_dtype
+        } else {
+            qout == 0
+        },
+        "{arch} {opts:?}: {qout} kernels quantize their output"
+    );
     if opts.stage_up_to_k == Some(0) && opts.f32_activations {
         let scaled = gpu.plans()[0]
             .groups
@@ -197,6 +217,7 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         // and the unfused plan alike.
         let opts = FuseOptions {
             stage_up_to_k: Some(0),
+            quantize_every_dtype: true,
             ..Default::default()
         };
         let got = gpu_run(&ctx, &g, &b, &opts);
@@ -205,6 +226,24 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         assert!(
             e_cpu < INT8_TOL && e_un < INT8_TOL,
             "{arch} {req:?} int8 inputs: relative L2 {e_cpu} vs CPU, {e_un} vs unfused"
+        );
+        // The same with every int8 row made by a quantize_rows dispatch:
+        // the producers' quantization must give the same numbers (the
+        // same rounding; only the norm's scale is applied at the end).
+        let sep = gpu_run(
+            &ctx,
+            &g,
+            &b,
+            &FuseOptions {
+                disabled: vec!["quantize".into()],
+                ..opts.clone()
+            },
+        );
+        let e_sep = worst(&got, &sep);
+        eprintln!("{arch} {req:?} int8 inputs, quantize pass off: rel L2 {e_sep:e} to it on");
+        assert!(
+            e_sep < 1e-3,
+            "{arch} {req:?} int8 rows by their producers vs by quantize_rows: relative L2 {e_sep}"
         );
         for (what, opts) in configs {
             let got = gpu_run(&ctx, &g, &b, &opts);

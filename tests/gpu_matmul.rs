@@ -167,6 +167,18 @@ fn check_matmul(
     s: Shape,
 ) -> Result<f64, String> {
     let dt = dtype(knobs);
+    // QOUT (the output quantized per 32-row block as well) needs whole
+    // blocks of rows: 64 of them, two blocks.
+    let qout = knobs.get("QOUT").is_some_and(|v| v == "1");
+    let s = if qout {
+        Shape {
+            n: 64,
+            ldy: s.ldy.max(s.n_offset + 64),
+            ..s
+        }
+    } else {
+        s
+    };
     // matmul_vec's extra weights (default hook: B and C rows follow A's in
     // y; PAIR=1 stores a * b).
     let extra: Vec<DType> = ["DTYPE_B", "DTYPE_C"]
@@ -273,7 +285,14 @@ fn check_matmul(
         .map(|((b, l), d)| upload_weights(ctx, l, *d, kk, b))
         .collect();
     let xb = if xq {
-        kernel::storage(ctx, "x", bytemuck::cast_slice(&q8_quantize(&x, kk, None)))
+        // The int8 rows, then (for NORM) each row's per-block Σ x², as a
+        // producer's QOUT writes them.
+        let mut words = q8_quantize(&x, kk, None);
+        words.extend(
+            x.chunks(32)
+                .map(|b| b.iter().map(|v| v * v).sum::<f32>().to_bits()),
+        );
+        kernel::storage(ctx, "x", bytemuck::cast_slice(&words))
     } else {
         kernel::storage(ctx, "x", bytemuck::cast_slice(&x))
     };
@@ -281,7 +300,7 @@ fn check_matmul(
     let yb = kernel::poisoned(ctx, "y", ylen);
     let rows_a = s.n - nb - nc;
     let words: Vec<u32> = match family {
-        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0]
+        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0, 0]
             .iter()
             .map(|&v| v as u32)
             .collect(),
@@ -294,7 +313,12 @@ fn check_matmul(
     let groups = match family {
         Family::Vec => {
             let r = knob(knobs, "ROWS") as usize;
-            let count = rows_a.div_ceil(r) + nb.div_ceil(r) + nc.div_ceil(r);
+            // QOUT: a workgroup per 32-row block.
+            let count = if qout {
+                rows_a / 32
+            } else {
+                rows_a.div_ceil(r) + nb.div_ceil(r) + nc.div_ceil(r)
+            };
             let mut g = spread(count as u32, s.spread_max);
             g[2] = s.m as u32;
             g
@@ -305,11 +329,18 @@ fn check_matmul(
             spread(tiles, s.spread_max)
         }
     };
+    // QOUT: the int8 rows and block sums.
+    let blocks = s.m * s.n / 32;
+    let qwords = s.m * (s.n / 4 + s.n / 32) + blocks;
+    let qb = kernel::poisoned(ctx, "yq", qwords);
     let bind = match family {
         Family::Vec => {
             let mut b: Vec<(u32, &wgpu::Buffer)> =
                 wbs.iter().enumerate().map(|(i, w)| (i as u32, w)).collect();
             b.extend([(3, &xb), (4, &yb), (5, &pb)]);
+            if qout {
+                b.push((6, &qb));
+            }
             k.bind_at(ctx, &b)
         }
         Family::Tiled => k.bind(ctx, &[&wbs[0], &xb, &yb, &pb]),
@@ -318,6 +349,13 @@ fn check_matmul(
     k.dispatch(&mut enc, &bind, groups);
     ctx.queue.submit([enc.finish()]);
     let y = kernel::read_f32(ctx, &yb, ylen).map_err(|e| e.to_string())?;
+    if qout {
+        let rows: Vec<f32> = y
+            .chunks(s.ldy)
+            .flat_map(|r| r[s.n_offset..s.n_offset + s.n].to_vec())
+            .collect();
+        check_qout(ctx, &rows, s.n, &qb, blocks)?;
+    }
 
     let mut got = Vec::with_capacity(s.m * s.n);
     for m in 0..s.m {
@@ -355,6 +393,50 @@ fn check_matmul(
             tolerance(knobs)
         ))
     }
+}
+
+/// matmul_vec QOUT's int8 rows against the CPU quantization of the rows it
+/// stored (`y`, M rows of N): q within 1 (the GPU's 1 / max may round a
+/// product at .5 the other way), scales and per-block Σ x² within 1e-5
+/// relative.
+fn check_qout(
+    ctx: &GpuContext,
+    y: &[f32],
+    n: usize,
+    qb: &wgpu::Buffer,
+    blocks: usize,
+) -> Result<(), String> {
+    let m = y.len() / n;
+    let row = n / 4 + n / 32;
+    let got: Vec<u32> = bytemuck::pod_collect_to_vec(
+        &kernel::read_bytes(ctx, qb, 4 * (m * row + blocks) as u64).map_err(|e| e.to_string())?,
+    );
+    let want = q8_quantize(y, n, None);
+    let close = |a: f32, b: f32| (a - b).abs() <= 1e-5 * b.abs().max(1e-30);
+    for r in 0..m {
+        for i in 0..row {
+            let (g, w) = (got[r * row + i], want[r * row + i]);
+            let ok = if i < n / 4 {
+                g.to_le_bytes()
+                    .iter()
+                    .zip(w.to_le_bytes())
+                    .all(|(a, b)| (*a as i8 as i32 - b as i8 as i32).abs() <= 1)
+            } else {
+                close(f32::from_bits(g), f32::from_bits(w))
+            };
+            if !ok {
+                return Err(format!("QOUT row {r} word {i}: {g:#010x}, want {w:#010x}"));
+            }
+        }
+    }
+    for (b, blk) in y.chunks(32).enumerate() {
+        let want = blk.iter().map(|v| v * v).sum::<f32>();
+        let g = f32::from_bits(got[m * row + b]);
+        if (g - want).abs() > 1e-5 * want.max(1e-30) {
+            return Err(format!("QOUT block {b}: Σ x² {g}, want {want}"));
+        }
+    }
+    Ok(())
 }
 
 /// Every variant of a matmul template on every feature set, dtype and shape,
@@ -459,8 +541,30 @@ fn matmul_vec_all_variants() {
             },
         ],
         // The int8-input path (XQ) with one weight, with a pair, and with
-        // three siblings of mixed dtypes and layouts.
+        // three siblings of mixed dtypes and layouts; a pair reading a
+        // normed int8 row and quantizing its own output (as the gate and
+        // up of a decode layer between two others do).
         &[
+            &[
+                ("DTYPE_B", "Q4_0"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "1"),
+                ("XS", "0"),
+                ("NORM", "1"),
+                ("XQ", "1"),
+                ("QOUT", "1"),
+            ],
+            // One weight quantizing its output (an o-proj or down with
+            // the residual add).
+            &[
+                ("DTYPE_B", "NONE"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "0"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+                ("QOUT", "1"),
+            ],
             &[
                 ("DTYPE_B", "NONE"),
                 ("DTYPE_C", "NONE"),
@@ -764,7 +868,11 @@ fn print_speed() {
             let wb = upload_weights(&ctx, dt, d, kk, &wbytes);
             let xb = kernel::storage(&ctx, "x", bytemuck::cast_slice(&rng.vec(kk)));
             let yb = kernel::poisoned(&ctx, "y", n);
-            let pb = kernel::uniform(&ctx, "p", &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0]);
+            let pb = kernel::uniform(
+                &ctx,
+                "p",
+                &[1, kk as u32, n as u32, 0, 0, 0, n as u32, 0, 0],
+            );
             for &(mode, xs, xq) in &modes {
                 if xs != "0" && kk > 4096 {
                     continue;
@@ -777,6 +885,7 @@ fn print_speed() {
                     ("XS", xs),
                     ("NORM", "0"),
                     ("XQ", xq),
+                    ("QOUT", "0"),
                 ]
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))

@@ -40,6 +40,7 @@ fn int8_input_kernels_snapshot() {
     let caps = Caps::feature_sets(1024, 32 << 10)[3];
     let opts = FuseOptions {
         stage_up_to_k: Some(0),
+        quantize_every_dtype: true,
         ..Default::default()
     };
     let kernels = kernel_sources_with(&b, caps, MAX_BINDING, &opts).unwrap();

@@ -2,9 +2,10 @@
 // kiln lib needs: load_word
 // Partial dot products of ROWS weight rows with one input row, dequantizing
 // inside (DTYPE). Included once per weight of a matmul_vec kernel, each time
-// under its own suffix. The including template defines ROWS, WG, lid_ (this
-// invocation's index), X8 and x8(xo, e) (input elements e..e+8 of the row at
-// xo) and x1(xo, e).
+// under its own suffix. The including template defines ROWS, TW (the
+// invocations that share these rows), tl_ (this invocation's index among
+// them), X8 and x8(xo, e) (input elements e..e+8 of the row at xo) and
+// x1(xo, e).
 //
 // Each invocation takes 8-element pieces (consecutive input elements, so a
 // subgroup's input reads are contiguous) and the piece of every row from
@@ -376,7 +377,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
 // As dot_rows below, with the quantized input.
 fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
     var acc: array<f32, ROWS>;
-    for (var pi = lid_; pi < k / PIECE; pi += WG) {
+    for (var pi = tl_; pi < k / PIECE; pi += TW) {
         let xp = xq_piece(pi);
         for (var r = 0u; r < ROWS; r++) {
             acc[r] += dotq(rows[r], pi, xp);
@@ -386,31 +387,32 @@ fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
 }
 #else
 // This invocation's share of Σ_k W[row r, k] · x[xo + k] for each r < ROWS;
-// `rows` holds the rows' byte offsets. The caller reduces over the workgroup.
+// `rows` holds the rows' byte offsets. The caller reduces over the TW
+// invocations.
 fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
     var acc: array<f32, ROWS>;
     let pieces = k / 8u;
-    var i = lid_;
+    var i = tl_;
 #if DTYPE != 'F32' && DTYPE != 'F16' && DTYPE != 'BF16'
     // Four pieces per iteration: their loads are independent, so more of
     // them are in flight per invocation.
-    for (; i + 3u * WG < pieces; i += 4u * WG) {
+    for (; i + 3u * TW < pieces; i += 4u * TW) {
         let p0 = x8(xo, i * 8u);
-        let p1 = x8(xo, (i + WG) * 8u);
-        let p2 = x8(xo, (i + 2u * WG) * 8u);
-        let p3 = x8(xo, (i + 3u * WG) * 8u);
+        let p1 = x8(xo, (i + TW) * 8u);
+        let p2 = x8(xo, (i + 2u * TW) * 8u);
+        let p3 = x8(xo, (i + 3u * TW) * 8u);
         let one = vec4<f32>(1.0);
         let s0 = dot(p0.a + p0.b, one);
         let s1 = dot(p1.a + p1.b, one);
         let s2 = dot(p2.a + p2.b, one);
         let s3 = dot(p3.a + p3.b, one);
         for (var r = 0u; r < ROWS; r++) {
-            acc[r] += dot8(rows[r], i * 8u, p0.a, p0.b, s0) + dot8(rows[r], (i + WG) * 8u, p1.a, p1.b, s1)
-                + dot8(rows[r], (i + 2u * WG) * 8u, p2.a, p2.b, s2) + dot8(rows[r], (i + 3u * WG) * 8u, p3.a, p3.b, s3);
+            acc[r] += dot8(rows[r], i * 8u, p0.a, p0.b, s0) + dot8(rows[r], (i + TW) * 8u, p1.a, p1.b, s1)
+                + dot8(rows[r], (i + 2u * TW) * 8u, p2.a, p2.b, s2) + dot8(rows[r], (i + 3u * TW) * 8u, p3.a, p3.b, s3);
         }
     }
 #endif
-    for (; i < pieces; i += WG) {
+    for (; i < pieces; i += TW) {
         let xv = x8(xo, i * 8u);
 #if DTYPE != 'F32' && DTYPE != 'F16' && DTYPE != 'BF16'
         let sx = dot(xv.a + xv.b, vec4<f32>(1.0));
@@ -434,7 +436,7 @@ fn dot_rows(rows: array<u32, ROWS>, xo: u32, k: u32) -> array<f32, ROWS> {
     }
 #if DTYPE == 'F32' || DTYPE == 'F16' || DTYPE == 'BF16'
     // Plain rows may end in a partial piece.
-    for (var e = pieces * 8u + lid_; e < k; e += WG) {
+    for (var e = pieces * 8u + tl_; e < k; e += TW) {
         let xv = x1(xo, e);
         for (var r = 0u; r < ROWS; r++) {
 #if F16

@@ -23,6 +23,12 @@
 //!   that reads the attention output where a prologue pays (rows up to
 //!   [`PROLOGUE_PAYS_UP_TO_K`], the `prologue` pass on), else by a small
 //!   merge dispatch of their own.
+//! - `quantize` (decode plans, planned in src/plan/hooks.rs): where a
+//!   matmul reads its row as int8 and that row (raw or under a lone
+//!   RMSNorm) is the single output of the fused matmul before it (whose
+//!   weights are of a dtype where this pays), the
+//!   producer's workgroups each own whole 32-row blocks and quantize them
+//!   on their store, instead of a quantize_rows dispatch between the two.
 //!
 //! Fused decode kernels are matrix × vector kernels; prefill plans use the
 //! same passes except `attention` (see [`fuse`]).
@@ -32,13 +38,14 @@ use std::collections::BTreeSet;
 use crate::graph::ir::{BoundGraph, BoundOp, Dim, ValueId};
 
 /// The fusion passes, in the order they run.
-pub const PASSES: [&str; 6] = [
+pub const PASSES: [&str; 7] = [
     "siblings",
     "gated",
     "epilogue",
     "prologue",
     "attention",
     "split",
+    "quantize",
 ];
 
 /// One dispatch of a fused schedule (before weight chunking).
@@ -182,6 +189,10 @@ pub struct FuseOptions {
     /// quantize_rows dispatch, and multiplies with integer dot products, as
     /// llama.cpp does (its logits are within ~0.2 of the exact ones).
     pub f32_activations: bool,
+    /// Run the `quantize` pass for producers of every int8-capable dtype,
+    /// not only where it pays on the measured GPU (re-laid Q4_0 weights,
+    /// see src/plan/hooks.rs). Tests set it to exercise every dtype.
+    pub quantize_every_dtype: bool,
 }
 
 impl FuseOptions {
@@ -209,6 +220,7 @@ impl FuseOptions {
             splits: None,
             stage_up_to_k: None,
             f32_activations: false,
+            quantize_every_dtype: false,
         }
     }
 }

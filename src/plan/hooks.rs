@@ -102,10 +102,13 @@ fn elementwise(
 }
 
 /// Plan a fused matrix × vector group.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn plan_matvec(
     b: &mut Builder,
     g: &BoundGraph,
+    gi: usize,
     m: &Matvec,
+    quant: &Quantized,
     weights: &mut [WeightPlan],
     value_buf: &[usize],
 ) -> Result<()> {
@@ -126,14 +129,7 @@ pub(crate) fn plan_matvec(
         Some(&(_, w)) => Buf::F32(w),
         None => vb(v),
     };
-    let ws: Vec<usize> = m
-        .mats
-        .iter()
-        .map(|&i| match g.nodes[i].op {
-            BoundOp::MatMul { w } => w,
-            _ => 0,
-        })
-        .collect();
+    let ws = mat_weights(g, m);
     for &w in &ws {
         weights[w].raw = true;
     }
@@ -156,40 +152,13 @@ pub(crate) fn plan_matvec(
         )));
     }
     let pair = m.pair.is_some();
-    let start = match (m.merge, m.prologue.first()) {
-        (Some(mg), _) => g.nodes[mg.attn].output,
-        (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
-        (None, None) => input,
-    };
-    let outs: Vec<ValueId> = writes
-        .iter()
-        .copied()
-        .filter(|v| !m.prologue.iter().any(|&(p, _)| g.nodes[p].output == *v))
-        .collect();
+    let start = group_start(g, m);
+    let outs = group_outputs(g, m);
     let mut nodes: Vec<usize> = super::fuse::Group::Matvec(m.clone()).nodes();
     nodes.sort_unstable();
-    // The int8 input: rows too long to stage, no prologue but a lone norm
-    // or a split attention's merge (both done by quantize_rows), weights
-    // with an integer dot product (matmul_vec's XQ).
-    let int8 = b.int8_input_over_k.is_some_and(|over| k > over)
-        && int8_input_ok(g, &m.mats, k)
-        && !chunked
-        && !outs.is_empty()
-        && m.merge.is_none_or(|mg| {
-            let (h, _) = heads(&g.values[g.nodes[mg.attn].inputs[0]].shape);
-            h > 0 && (k / h).is_multiple_of(4)
-        })
-        && (m.prologue.is_empty()
-            || matches!(
-                m.prologue.as_slice(),
-                [(p, _)] if m.scaled && matches!(
-                    g.nodes[*p].op,
-                    BoundOp::RmsNorm {
-                        weight: Some(_),
-                        ..
-                    }
-                )
-            ));
+    let int8 = int8_reader(b, g, m, weights);
+    // The producer already wrote the int8 row (its QOUT) after `start`.
+    let prequant = quant.readers.get(&gi).copied().filter(|_| int8);
     let xs = if int8 || ((m.prologue.is_empty() || m.scaled) && m.merge.is_none()) {
         0
     } else {
@@ -206,11 +175,16 @@ pub(crate) fn plan_matvec(
     let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
     let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
     let xs_s = xs.to_string();
-    if int8 {
-        plan_quantize(
+    // Where the int8 row starts: after the producer's output, or after this
+    // group's own (written by quantize_rows before the matmul runs).
+    let xqo = match prequant {
+        Some(o) => o,
+        None if int8 => plan_quantize(
             b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf,
-        )?;
-    }
+        )?,
+        None => Lin::c(0),
+    };
+    let qout = quant.by_producer.get(&gi).copied();
     let wg_knob: String;
     let mut fixed = vec![
         ("DTYPE", dt_a.as_str()),
@@ -218,8 +192,16 @@ pub(crate) fn plan_matvec(
         ("DTYPE_C", dt_c.as_str()),
         ("PAIR", if pair { "1" } else { "0" }),
         ("XS", xs_s.as_str()),
-        ("NORM", if m.scaled && !int8 { "1" } else { "0" }),
+        (
+            "NORM",
+            if m.scaled && (!int8 || prequant.is_some()) {
+                "1"
+            } else {
+                "0"
+            },
+        ),
         ("XQ", if int8 { "1" } else { "0" }),
+        ("QOUT", if qout.is_some() { "1" } else { "0" }),
     ];
     // Workgroup width: each invocation's share of a weight row should be
     // about one Q4_0 block's bytes (18), the nearest power of two in log
@@ -243,12 +225,11 @@ pub(crate) fn plan_matvec(
         let relaid = dts
             .iter()
             .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
-        wg_knob = if relaid {
-            aligned_workgroup(n_rows).to_string()
+        let wg = if relaid {
+            aligned_workgroup(n_rows)
         } else {
-            int8_workgroup(row, k, piece).to_string()
+            int8_workgroup(row, k, piece)
         };
-        fixed.push(("WG", wg_knob.as_str()));
         // Q6_K pieces are the heaviest to decode (three words and two
         // scale words a row): two rows a workgroup instead of four. H200,
         // Llama-3-8B Q4_K_M: its Q6_K down projections 674 -> 554 µs a
@@ -258,9 +239,18 @@ pub(crate) fn plan_matvec(
         // 487 µs a step), but a QKV with a Q6_KX V still gains from two
         // (306 -> 281 µs).
         let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
-        if dts.iter().any(q6) {
-            fixed.push(("ROWS", "2"));
+        let rows = if dts.iter().any(q6) { 2 } else { 4 };
+        if rows == 2 || qout.is_some() {
+            fixed.push(("ROWS", if rows == 2 { "2" } else { "4" }));
         }
+        // With QOUT workgroups own whole 32-row blocks: 32 / ROWS teams,
+        // each as wide as a workgroup of its rows would be.
+        wg_knob = match qout {
+            Some(_) => qout_workgroup(wg, rows, pair, &b.caps),
+            None => wg,
+        }
+        .to_string();
+        fixed.push(("WG", wg_knob.as_str()));
     } else if n_rows.div_ceil(4) >= WIDE_OUTPUT_WORKGROUPS {
         // f32 input over very many workgroups (an output projection over a
         // large vocabulary): 64 invocations and 8 rows a workgroup. Each
@@ -276,7 +266,11 @@ pub(crate) fn plan_matvec(
         fixed.push(("WG", "64"));
         fixed.push(("ROWS", "8"));
     }
-    let fused = describe(g, m);
+    let fused = if qout.is_some() {
+        describe(g, m) + "+quantize"
+    } else {
+        describe(g, m)
+    };
     for c in 0..weights[ws[0]].chunks.len() {
         let (first, rows) = weights[ws[0]].chunks[c];
         // Bindings: 0..2 weights, 3 the input row, then the rest.
@@ -311,8 +305,26 @@ pub(crate) fn plan_matvec(
         // quantized, after the first output.
         let x4 = xs == 0 && m.merge.is_none() && k.is_multiple_of(4);
         let mut x_fns = if int8 {
-            bd.add_as("x", false, vb(outs[0]), "u32");
-            String::from("fn xq_in(i: u32) -> u32 {\n    return x[i];\n}\n")
+            // After the producer's output row, or after this group's own
+            // output (where quantize_rows put it).
+            bd.add_as(
+                "x",
+                false,
+                vb(if prequant.is_some() { start } else { outs[0] }),
+                "u32",
+            );
+            let mut f = String::from("fn xq_in(i: u32) -> u32 {\n    return x[i];\n}\n");
+            if prequant.is_some() && m.scaled {
+                let Some(BoundOp::RmsNorm { eps, .. }) =
+                    m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
+                else {
+                    return Err(Error::Gpu(
+                        "internal: a scaled prologue is not an RMSNorm".into(),
+                    ));
+                };
+                let _ = write!(f, "\nconst NORM_EPS: f32 = {};\n", lit(*eps));
+            }
+            f
         } else if x4 {
             bd.add_as("x", false, vb(start), "vec4<f32>");
             String::from("fn x_in(i: u32) -> f32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn x_in4(i: u32) -> vec4<f32> {\n    return x[i >> 2u];\n}\n")
@@ -425,6 +437,9 @@ pub(crate) fn plan_matvec(
             let name = format!("y{}", bd.bufs.len());
             bd.add(&name, true, vb(outs[0]));
             let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
+            if let Some(q) = qout {
+                x_fns += &qout_fns(&mut bd, &name, q, vb(outs[0]), weights);
+            }
         } else {
             // Each sibling's output, after its own epilogue.
             for (j, &o) in outs.iter().enumerate() {
@@ -482,11 +497,8 @@ pub(crate) fn plan_matvec(
             uc(nc),
             uc(first),
             uc(ldy),
-            u(if int8 {
-                numel(&g.values[outs[0]].shape)
-            } else {
-                Lin::c(0)
-            }),
+            u(xqo),
+            u(qout.map_or(Lin::c(0), |q| q.qo)),
         ];
         b.launch_fused(
             nodes.clone(),
@@ -498,7 +510,11 @@ pub(crate) fn plan_matvec(
             params,
             |kn| {
                 let r = knob(kn, "ROWS", 1) as usize;
-                let total = na.div_ceil(r) + nbr.div_ceil(r) + nc.div_ceil(r);
+                let mut total = na.div_ceil(r) + nbr.div_ceil(r) + nc.div_ceil(r);
+                if knob(kn, "QOUT", 0) == 1 {
+                    // A workgroup per 32-row block.
+                    total = na / 32;
+                }
                 Groups::Linear {
                     n: Lin::c(total as u64),
                     div: 1,
@@ -530,6 +546,202 @@ fn aligned_workgroup(rows: usize) -> u32 {
     } else {
         128
     }
+}
+
+/// The workgroup size of a QOUT matmul (matmul_vec.wgsl): 32 / `rows`
+/// teams of `team` invocations, halved (down to 8 a team) while the
+/// adapter's invocation or workgroup-memory limit is exceeded.
+fn qout_workgroup(team: u32, rows: usize, pair: bool, caps: &crate::codegen::Caps) -> u32 {
+    let teams = 32 / rows as u32;
+    let mut wg = team * teams;
+    // matmul_vec's wg_storage: partial sums for every invocation's rows,
+    // and the reduction slots.
+    let bytes = |wg: u32| (wg * rows as u32 * (1 + pair as u32) + wg) * 4;
+    while wg > 8 * teams && (wg > caps.max_invocations.min(1024) || bytes(wg) > caps.max_wg_storage)
+    {
+        wg /= 2;
+    }
+    wg
+}
+
+/// The weights of a matmul group's MatMul nodes, in order.
+fn mat_weights(g: &BoundGraph, m: &Matvec) -> Vec<usize> {
+    m.mats
+        .iter()
+        .map(|&i| match g.nodes[i].op {
+            BoundOp::MatMul { w } => w,
+            _ => 0,
+        })
+        .collect()
+}
+
+/// The group's outputs other than a prologue's side outputs.
+fn group_outputs(g: &BoundGraph, m: &Matvec) -> Vec<ValueId> {
+    let (_, writes) = fuse::io(g, &super::fuse::Group::Matvec(m.clone()));
+    writes
+        .into_iter()
+        .filter(|v| !m.prologue.iter().any(|&(p, _)| g.nodes[p].output == *v))
+        .collect()
+}
+
+/// The row a matmul group's dot products read (before its prologue).
+fn group_start(g: &BoundGraph, m: &Matvec) -> ValueId {
+    match (m.merge, m.prologue.first()) {
+        (Some(mg), _) => g.nodes[mg.attn].output,
+        (None, Some(&(p, carry))) => g.nodes[p].inputs[carry],
+        (None, None) => g.nodes[m.mats[0]].inputs[0],
+    }
+}
+
+/// Whether a matmul group reads its input as int8: rows too long to stage,
+/// no prologue but a lone weighted RMSNorm or a split attention's merge
+/// (both done where the row is quantized), weights with an integer dot
+/// product (matmul_vec's XQ).
+fn int8_reader(b: &Builder, g: &BoundGraph, m: &Matvec, weights: &[WeightPlan]) -> bool {
+    let ws = mat_weights(g, m);
+    let k = g.weights[ws[0]].dims[0];
+    b.int8_input_over_k.is_some_and(|over| k > over)
+        && int8_input_ok(g, &m.mats, k)
+        && !ws.iter().any(|&w| weights[w].chunks.len() > 1)
+        && !group_outputs(g, m).is_empty()
+        && m.merge.is_none_or(|mg| {
+            let (h, _) = heads(&g.values[g.nodes[mg.attn].inputs[0]].shape);
+            h > 0 && (k / h).is_multiple_of(4)
+        })
+        && (m.prologue.is_empty()
+            || matches!(
+                m.prologue.as_slice(),
+                [(p, _)] if m.scaled && matches!(
+                    g.nodes[*p].op,
+                    BoundOp::RmsNorm {
+                        weight: Some(_),
+                        ..
+                    }
+                )
+            ))
+}
+
+/// A matmul group that quantizes its own output for the int8 matmul that
+/// reads it next (matmul_vec's QOUT).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QuantOut {
+    /// The reader's RMSNorm weight: blocks quantize x · w.
+    pub norm: Option<usize>,
+    /// The word of the output's buffer where the int8 rows start.
+    pub qo: Lin,
+}
+
+/// Where int8 rows are made by their producers (the `quantize` pass):
+/// producer group index → what it adds to its store, and the reader groups
+/// that then need no quantize_rows dispatch.
+#[derive(Debug, Default)]
+pub(crate) struct Quantized {
+    pub by_producer: std::collections::HashMap<usize, QuantOut>,
+    /// Reader group index → the word where its int8 row starts.
+    pub readers: std::collections::HashMap<usize, Lin>,
+}
+
+/// A group that is one matmul and nothing else is planned as a plain
+/// matmul (tiled in prefill), not through [`plan_matvec`].
+pub(crate) fn plain_matmul(m: &Matvec) -> bool {
+    m.mats.len() == 1
+        && m.pair.is_none()
+        && m.prologue.is_empty()
+        && m.merge.is_none()
+        && m.epilogue.is_empty()
+}
+
+/// The `quantize` pass (decode plans): an int8 reader whose row (raw, or
+/// under a lone RMSNorm) is the single output of the fused matmul just
+/// before it in the data flow gets that row quantized by the producer,
+/// whose workgroups then own whole 32-row blocks (matmul_vec QOUT),
+/// instead of by a quantize_rows dispatch. One reader per row; the
+/// producer's rows must be whole blocks in one binding. Space for the int8
+/// row and its per-block Σ x² is put after the producer's output
+/// (`b.extra`).
+pub(crate) fn plan_producer_quantize(
+    b: &mut Builder,
+    g: &BoundGraph,
+    groups: &[super::fuse::Group],
+    weights: &[WeightPlan],
+    value_buf: &[usize],
+) -> Quantized {
+    use super::fuse::Group;
+    let mut q = Quantized::default();
+    let mut maker = std::collections::HashMap::new();
+    for (i, gr) in groups.iter().enumerate() {
+        if let Group::Matvec(m) = gr {
+            let ws = mat_weights(g, m);
+            let single = ws.len() == 1 || m.pair.is_some();
+            let whole = ws.iter().all(|&w| weights[w].chunks.len() == 1);
+            let outs = group_outputs(g, m);
+            let rows: usize = g.weights[ws[0]].dims[1..].iter().product();
+            if !plain_matmul(m)
+                && int8_reader(b, g, m, weights)
+                && single
+                && whole
+                && outs.len() == 1
+                && rows.is_multiple_of(32)
+                && (b.quantize_every_dtype || quantize_pays(g, &ws))
+            {
+                maker.insert(outs[0], (i, rows));
+            }
+        }
+    }
+    for (i, gr) in groups.iter().enumerate() {
+        let Group::Matvec(m) = gr else { continue };
+        if plain_matmul(m) || m.merge.is_some() || !int8_reader(b, g, m, weights) {
+            continue;
+        }
+        let start = group_start(g, m);
+        let k = g.weights[mat_weights(g, m)[0]].dims[0];
+        let Some(&(p, rows)) = maker.get(&start) else {
+            continue;
+        };
+        if p >= i || rows != k || q.by_producer.contains_key(&p) {
+            continue;
+        }
+        let norm = match m.prologue.first().map(|&(n, _)| &g.nodes[n].op) {
+            Some(BoundOp::RmsNorm { weight, .. }) => *weight,
+            _ => None,
+        };
+        let qo = b.reserve_after(g, value_buf[start], start, (k / 4 + k / 16) as u64);
+        q.by_producer.insert(p, QuantOut { norm, qo });
+        q.readers.insert(i, qo);
+    }
+    q
+}
+
+/// Whether a producer with these weights gains from quantizing its own
+/// output (the `quantize` pass) on the measured GPU. Its workgroups own
+/// whole 32-row blocks (32 / ROWS teams), so it runs fewer, wider
+/// workgroups than alone: H100, Llama-3-8B shape, the producers 5-12%
+/// slower a kernel, and a Q4_K pair (gate/up at 1024 invocations) 49%
+/// slower (1417 -> 2107 µs a step, Q4_K_M decode 291 -> 251 tok/s),
+/// against ~3 µs saved per quantize_rows dispatch dropped. With every
+/// weight re-laid Q4_0 (Q4_0X) it pays: Q4_0 decode 332 -> 342 tok/s,
+/// Qwen2.5-7B shape 345 -> 371 (docs/PERF.md, stop 15).
+fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
+    ws.iter()
+        .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
+}
+
+/// The hook functions of matmul_vec's QOUT for a producer storing into `y`
+/// (bound as `buf`): the int8 row's binding (the same buffer, read as
+/// words) and the reader's norm weight.
+fn qout_fns(bd: &mut Binds, y: &str, q: QuantOut, buf: Buf, weights: &mut [WeightPlan]) -> String {
+    bd.add_as("yq", true, buf, "u32");
+    let w = match q.norm {
+        Some(w) => {
+            weights[w].f32_copy = true;
+            bd.add_as("qw", false, Buf::F32(w), "vec4<f32>");
+            "qw[n >> 2u]"
+        }
+        None => "vec4<f32>(1.0)",
+    };
+    format!(
+        "\nfn qout_x4(m: u32, n: u32) -> vec4<f32> {{\n    let i = m * p.ldy + p.n_offset + n;\n    return vec4<f32>({y}[i], {y}[i + 1u], {y}[i + 2u], {y}[i + 3u]);\n}}\n\nfn qout_w4(n: u32) -> vec4<f32> {{\n    return {w};\n}}\n\nfn qout_word(i: u32, v: u32) {{\n    yq[i] = v;\n}}\n"
+    )
 }
 
 /// Workgroups (at four rows each) from which an f32-input matvec runs
@@ -613,7 +825,7 @@ fn plan_quantize(
     rows_m: Lin,
     weights: &mut [WeightPlan],
     value_buf: &[usize],
-) -> Result<()> {
+) -> Result<Lin> {
     // A split attention's partials follow its output row: [H, S, Dv + 2]
     // per token (see merge_prologue).
     let (splits, dv) = match m.merge {
@@ -638,7 +850,7 @@ fn plan_quantize(
         }
         _ => (None, 0.0),
     };
-    b.extra.push((value_buf[out], (k / 4 + k / 32) as u64));
+    let qo = b.reserve_after(g, value_buf[out], out, (k / 4 + k / 32) as u64);
     let split = splits.max(1).to_string();
     b.launch_fused(
         nodes.to_vec(),
@@ -655,19 +867,14 @@ fn plan_quantize(
             norm.unwrap_or(Buf::Unbound),
             Buf::Value(value_buf[out]),
         ],
-        vec![
-            u(rows_m),
-            uc(k),
-            u(numel(&g.values[out].shape)),
-            Word::F(eps as f32),
-            uc(dv),
-        ],
+        vec![u(rows_m), uc(k), u(qo), Word::F(eps as f32), uc(dv)],
         |kn| Groups::Linear {
             n: Lin::c((k / 4) as u64),
             div: knob(kn, "WG", 1),
             z: rows_m,
         },
-    )
+    )?;
+    Ok(qo)
 }
 
 fn op_name(op: &BoundOp) -> String {

@@ -335,6 +335,8 @@ pub(crate) struct Builder {
     /// Fused matmuls with rows longer than this read an int8 input
     /// ([`FuseOptions::f32_activations`]); None: never.
     pub(crate) int8_input_over_k: Option<usize>,
+    /// [`FuseOptions::quantize_every_dtype`].
+    pub(crate) quantize_every_dtype: bool,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
     pub(crate) extra: Vec<(usize, u64)>,
     templates: BTreeMap<String, Template>,
@@ -429,6 +431,27 @@ impl Builder {
     }
 }
 
+impl Builder {
+    /// Reserve `words` u32 words per token after value `v`'s own elements
+    /// and whatever was reserved there before (see [`Plan::extra`]); the
+    /// word where they start.
+    pub(crate) fn reserve_after(
+        &mut self,
+        g: &BoundGraph,
+        root: usize,
+        v: crate::graph::ir::ValueId,
+        words: u64,
+    ) -> Lin {
+        let before: u64 = self.extra.iter().filter(|e| e.0 == root).map(|e| e.1).sum();
+        self.extra.push((root, words));
+        let n = numel(&g.values[v].shape);
+        Lin {
+            t: n.t + before,
+            ..n
+        }
+    }
+}
+
 pub(crate) fn knob(k: &Knobs, name: &str, default: u64) -> u64 {
     k.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -480,6 +503,7 @@ pub fn plan_with(
     let mut b = Builder {
         caps,
         int8_input_over_k: opts.int8_over_k(),
+        quantize_every_dtype: opts.quantize_every_dtype,
         extra: Vec::new(),
         templates,
         kernels: Vec::new(),
@@ -535,20 +559,21 @@ pub fn plan_with(
             "fusion made an invalid schedule ({m}); turn passes off with --no-fuse to bisect"
         ))
     })?;
-    for gr in &groups {
+    let quant = if bucket == Bucket::One && opts.on("quantize") {
+        hooks::plan_producer_quantize(&mut b, g, &groups, &weights, &value_buf)
+    } else {
+        hooks::Quantized::default()
+    };
+    for (gi, gr) in groups.iter().enumerate() {
         match gr {
             Group::Single(i) => plan_node(&mut b, g, *i, &mut weights, &value_buf, tiled)?,
             // A matmul nothing fused with is planned as itself (tiled in prefill).
-            Group::Matvec(m)
-                if m.mats.len() == 1
-                    && m.pair.is_none()
-                    && m.prologue.is_empty()
-                    && m.merge.is_none()
-                    && m.epilogue.is_empty() =>
-            {
+            Group::Matvec(m) if hooks::plain_matmul(m) => {
                 plan_node(&mut b, g, m.mats[0], &mut weights, &value_buf, tiled)?
             }
-            Group::Matvec(m) => hooks::plan_matvec(&mut b, g, m, &mut weights, &value_buf)?,
+            Group::Matvec(m) => {
+                hooks::plan_matvec(&mut b, g, gi, m, &quant, &mut weights, &value_buf)?
+            }
             Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
     }
@@ -663,6 +688,7 @@ fn plan_node(
                         uc(first),
                         uc(nn),
                         uc(0),
+                        uc(0),
                     ];
                     b.launch(
                         i,
@@ -674,6 +700,7 @@ fn plan_node(
                             ("PAIR", "0"),
                             ("XS", "0"),
                             ("XQ", "0"),
+                            ("QOUT", "0"),
                         ],
                         binds,
                         params,

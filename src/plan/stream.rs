@@ -12,7 +12,10 @@ use crate::error::{Error, Result};
 use crate::graph::ir::BoundGraph;
 
 /// The format tag written into every stream file.
-pub const FORMAT: &str = "kiln-stream-1";
+/// Bumped whenever a plan's fields or a template's knobs or uniform words
+/// change, so that a stale file is refused by name rather than failing
+/// when a kernel is generated.
+pub const FORMAT: &str = "kiln-stream-2";
 
 /// What a stream file holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
