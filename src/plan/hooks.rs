@@ -1090,7 +1090,7 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{aligned_workgroup, int8_workgroup, INT8_DOT_DTYPES};
+    use super::{aligned_workgroup, int8_workgroup, qout_workgroup, INT8_DOT_DTYPES};
 
     /// Int8 matmuls over re-laid weights: 32 wide with many workgroups
     /// (the 8B feed-forward, the output projection), 128 with few (QKV,
@@ -1107,6 +1107,25 @@ mod tests {
         ] {
             assert_eq!(aligned_workgroup(rows), want, "{rows} rows");
         }
+    }
+
+    /// A QOUT workgroup holds 32 / ROWS teams as wide as asked, halved
+    /// within the adapter's invocation and workgroup-memory limits, never
+    /// under 8 invocations a team.
+    #[test]
+    fn qout_workgroups_fit_the_adapter() {
+        let caps = crate::codegen::Caps::feature_sets(1024, 48 << 10)[3];
+        assert_eq!(qout_workgroup(128, 4, false, &caps), 1024);
+        assert_eq!(qout_workgroup(32, 4, true, &caps), 256);
+        assert_eq!(qout_workgroup(64, 2, false, &caps), 1024);
+        // 16 teams of 128 are over 1024 invocations.
+        assert_eq!(qout_workgroup(128, 2, false, &caps), 1024);
+        let small = crate::codegen::Caps::feature_sets(256, 16 << 10)[3];
+        assert_eq!(qout_workgroup(128, 4, false, &small), 256);
+        // A pair at 256: (256 * 4 * 2 + 256) * 4 = 9 KiB fits 16 KiB.
+        assert_eq!(qout_workgroup(128, 4, true, &small), 256);
+        let tiny = crate::codegen::Caps::feature_sets(1024, 1 << 10)[3];
+        assert_eq!(qout_workgroup(128, 4, true, &tiny), 64);
     }
 
     /// The planner's int8 piece sizes are matvec_rows.wgsl's PIECE: the
@@ -1127,6 +1146,7 @@ mod tests {
                 ("F16", "0".into()),
                 ("NORM", "0".into()),
                 ("XQ", "1".into()),
+                ("QOUT", "0".into()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
