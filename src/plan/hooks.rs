@@ -656,7 +656,8 @@ pub(crate) fn plain_matmul(m: &Matvec) -> bool {
 /// before it in the data flow gets that row quantized by the producer,
 /// whose workgroups then own whole 32-row blocks (matmul_vec QOUT),
 /// instead of by a quantize_rows dispatch. One reader per row; the
-/// producer's rows must be whole blocks in one binding. Space for the int8
+/// producer's rows must be whole blocks in one binding (an int8 reader's
+/// weights are never chunked). Space for the int8
 /// row and its per-block Σ x² is put after the producer's output
 /// (`b.extra`).
 pub(crate) fn plan_producer_quantize(
@@ -673,13 +674,11 @@ pub(crate) fn plan_producer_quantize(
         if let Group::Matvec(m) = gr {
             let ws = mat_weights(g, m);
             let single = ws.len() == 1 || m.pair.is_some();
-            let whole = ws.iter().all(|&w| weights[w].chunks.len() == 1);
             let outs = group_outputs(g, m);
             let rows: usize = g.weights[ws[0]].dims[1..].iter().product();
             if !plain_matmul(m)
                 && int8_reader(b, g, m, weights)
                 && single
-                && whole
                 && outs.len() == 1
                 && rows.is_multiple_of(32)
                 && (b.quantize_every_dtype || quantize_pays(g, &ws))

@@ -429,9 +429,7 @@ impl Builder {
         });
         Ok(())
     }
-}
 
-impl Builder {
     /// Reserve `words` u32 words per token after value `v`'s own elements
     /// and whatever was reserved there before (see [`Plan::extra`]); the
     /// word where they start.
