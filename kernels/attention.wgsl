@@ -37,6 +37,13 @@
 //! out[h] = Σ_s e^(m_s - M) acc_s / Σ_s e^(m_s - M) l_s, M = max_s m_s.
 //! Every split preps its own q; the split holding pos0 uses the fresh k, v;
 //! split 0 of the first query head of each kv head writes the cache rows.
+//! PF=1 (with PREP): p.pf_groups more workgroups, after the attention's,
+//! read the first p.pf_a, p.pf_b, p.pf_c words of bindings 8, 9, 10 (the
+//! weights of the matmuls that run next; Params moves to binding 11), one
+//! word per 32-byte sector, so that those bytes come into the L2 cache
+//! while the attention, which streams little, leaves the memory bus idle.
+//! What they read is dropped (stored only if p.pf_sink != 0, which the
+//! plan never sets).
 //! knob WG: 64 128 256
 //! knob SUBGROUPS: 0 1
 //! knob PREP: 1 0
@@ -44,8 +51,9 @@
 //! knob KNORM: 0 1
 //! knob ROPE: NONE NORMAL NEOX
 //! knob SPLIT: 1 2 4 8 16 32
-//! cover: QNORM KNORM ROPE SPLIT
-//! require: PREP == 1 || SPLIT == 1
+//! knob PF: 0 1
+//! cover: QNORM KNORM ROPE SPLIT PF
+//! require: (PREP == 1 || SPLIT == 1) && (PF == 0 || PREP == 1)
 //! wg_storage: (256 + 2 * WG + PREP * 512) * 4
 // (naga takes subgroup builtins without `enable subgroups;`: the validator's
 // SUBGROUP capability gates them. The subgroup size is never assumed.)
@@ -65,6 +73,13 @@ struct Params {
     rope_base: f32,
     rope_scale: f32,
 #endif
+#if PF
+    pf_a: u32,
+    pf_b: u32,
+    pf_c: u32,
+    pf_groups: u32,
+    pf_sink: u32,
+#endif
 }
 
 #if PREP
@@ -80,7 +95,14 @@ struct Params {
 #if KNORM
 @group(0) @binding(7) var<storage, read> k_norm: array<f32>;
 #endif
+#if PF
+@group(0) @binding(8) var<storage, read> pf_wa: array<u32>;
+@group(0) @binding(9) var<storage, read> pf_wb: array<u32>;
+@group(0) @binding(10) var<storage, read> pf_wc: array<u32>;
+@group(0) @binding(11) var<uniform> p: Params;
+#else
 @group(0) @binding(8) var<uniform> p: Params;
+#endif
 var<workgroup> k_sh: array<f32, 256>;
 var<workgroup> v_sh: array<f32, 256>;
 #include rope_angle.wgsl
@@ -173,9 +195,9 @@ fn sum_all(v: f32, lid: u32, lane: u32, sg: u32, n_sg: u32) -> f32 {
 }
 #endif
 
-// Rotate pairs of the first `dims` of v_in-place array `which` (0: q_sh,
-// 1: k_sh) by position `pos`.
-fn rope_sh(which: u32, lid: u32, pos: f32) {
+// Rotate pairs of the first `dims` dimensions of q_sh and k_sh in place by
+// position `pos` (one angle for both).
+fn rope_qk(lid: u32, pos: f32) {
     let half = p.dims / 2u;
     for (var i = lid; i < half; i += {{WG}}u) {
         let freq = p.rope_scale * pow(p.rope_base, -f32(2u * i) / f32(p.dims));
@@ -187,17 +209,14 @@ fn rope_sh(which: u32, lid: u32, pos: f32) {
         let ia = 2u * i;
         let ib = ia + 1u;
 #endif
-        if which == 0u {
-            let x0 = q_sh[ia];
-            let x1 = q_sh[ib];
-            q_sh[ia] = x0 * sc.y - x1 * sc.x;
-            q_sh[ib] = x0 * sc.x + x1 * sc.y;
-        } else {
-            let x0 = k_sh[ia];
-            let x1 = k_sh[ib];
-            k_sh[ia] = x0 * sc.y - x1 * sc.x;
-            k_sh[ib] = x0 * sc.x + x1 * sc.y;
-        }
+        let q0 = q_sh[ia];
+        let q1 = q_sh[ib];
+        q_sh[ia] = q0 * sc.y - q1 * sc.x;
+        q_sh[ib] = q0 * sc.x + q1 * sc.y;
+        let k0 = k_sh[ia];
+        let k1 = k_sh[ib];
+        k_sh[ia] = k0 * sc.y - k1 * sc.x;
+        k_sh[ib] = k0 * sc.x + k1 * sc.y;
     }
 }
 #endif
@@ -286,6 +305,34 @@ fn vrow(j: u32, vb: u32, dd: u32, pos: u32) -> f32 {
 #endif
 }
 
+#if PF
+// XOR of one word per 32-byte sector of the first n words of binding
+// `which`, over this invocation's sectors (i: its index among the
+// prefetching invocations, nt: their count). Eight loads a sweep, issued
+// before any is used.
+fn touch(which: u32, n: u32, i: u32, nt: u32) -> u32 {
+    let ns = n / 8u;
+    var acc = 0u;
+    for (var s0 = i; s0 < ns; s0 += 8u * nt) {
+        var v: array<u32, 8>;
+        for (var u = 0u; u < 8u; u++) {
+            let w = 8u * min(s0 + u * nt, ns - 1u);
+            if which == 0u {
+                v[u] = pf_wa[w];
+            } else if which == 1u {
+                v[u] = pf_wb[w];
+            } else {
+                v[u] = pf_wc[w];
+            }
+        }
+        for (var u = 0u; u < 8u; u++) {
+            acc ^= v[u];
+        }
+    }
+    return acc;
+}
+
+#endif
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -300,6 +347,14 @@ fn main(
 ) {
     let item = wg.x + wg.y * nwg.x;
     if item >= p.t * p.h * SPLIT {
+#if PF
+        let pi = (item - p.t * p.h * SPLIT) * {{WG}}u + lid;
+        let nt = p.pf_groups * {{WG}}u;
+        let acc = touch(0u, p.pf_a, pi, nt) ^ touch(1u, p.pf_b, pi, nt) ^ touch(2u, p.pf_c, pi, nt);
+        if p.pf_sink != 0u {
+            out[pi] = bitcast<f32>(acc);
+        }
+#endif
         return;
     }
     // (token, head) row and split.
@@ -318,9 +373,19 @@ fn main(
     let chunk = (keys + SPLIT - 1u) / SPLIT;
     let lo = first + min(sp * chunk, keys);
     let end = first + min(sp * chunk + chunk, keys);
+    // q (and with PREP the current token's k and v for this kv head,
+    // prepared like q) in one phase: their loads are in flight together.
     for (var c = lid; c < p.d; c += {{WG}}u) {
         q_sh[c] = q[row * p.d + c];
+#if PREP
+        k_sh[c] = k_new[kh * p.d + c];
+#endif
     }
+#if PREP
+    for (var c = lid; c < p.dv; c += {{WG}}u) {
+        v_sh[c] = v_new[kh * p.dv + c];
+    }
+#endif
     workgroupBarrier();
 #if PREP
 #if SUBGROUPS
@@ -332,13 +397,6 @@ fn main(
     let sgi_ = 0u;
     let nsg_ = 0u;
 #endif
-    // The current token's k and v for this kv head, prepared like q.
-    for (var c = lid; c < p.d; c += {{WG}}u) {
-        k_sh[c] = k_new[kh * p.d + c];
-    }
-    for (var c = lid; c < p.dv; c += {{WG}}u) {
-        v_sh[c] = v_new[kh * p.dv + c];
-    }
 #if QNORM
     var ssq = 0.0;
     for (var c = lid; c < p.d; c += {{WG}}u) {
@@ -359,10 +417,11 @@ fn main(
         k_sh[c] = k_sh[c] * rk * k_norm[c];
     }
 #endif
+#if QNORM || KNORM
     workgroupBarrier();
+#endif
 #if ROPE != 'NONE'
-    rope_sh(0u, lid, f32(pos));
-    rope_sh(1u, lid, f32(pos));
+    rope_qk(lid, f32(pos));
     workgroupBarrier();
 #endif
     if h % (p.h / p.hkv) == 0u && sp == 0u {
@@ -394,6 +453,18 @@ fn main(
     for (var j0 = lo; j0 < end; j0 += {{WG}}u) {
         let j = j0 + lid;
         var s = NEG;
+        let nk = min({{WG}}u, end - j0);
+        // The value pass's first sixteen keys of each output dimension,
+        // loaded before the scores so that their latency overlaps the q·k
+        // pass (a short context is one such pass).
+        var v0: array<array<f32, 16>, NACC>;
+        for (var c = 0u; c < NACC; c++) {
+            let dd = min(d0 + c * {{WG}}u, p.dv - 1u);
+            for (var u = 0u; u < 16u; u++) {
+                let tu = min(kp + u * ph, nk - 1u);
+                v0[c][u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
+            }
+        }
 #if SUBGROUPS
         score_block(j0, min({{WG}}u, end - j0), pos, k_off, k_stride, sg_lane, sg_id, n_sg, sg_size);
 #endif
@@ -433,7 +504,6 @@ fn main(
         l = l * corr + e;
         pw[lid] = e;
         workgroupBarrier();
-        let nk = min({{WG}}u, end - j0);
         for (var c = 0u; c < NACC; c++) {
             let dd = d0 + c * {{WG}}u;
             if dd < p.dv && kp < ph {
@@ -443,11 +513,13 @@ fn main(
                 // loop that waits for one load at a time is bound by memory
                 // latency. Keys past the block repeat its last with weight 0.
                 for (var t = kp; t < nk; t += 16u * ph) {
-                    var v: array<f32, 16>;
+                    var v = v0[c];
                     var w: array<f32, 16>;
                     for (var u = 0u; u < 16u; u++) {
                         let tu = min(t + u * ph, nk - 1u);
-                        v[u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
+                        if t != kp {
+                            v[u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
+                        }
                         w[u] = select(0.0, pw[tu], t + u * ph < nk);
                     }
                     var a4 = vec4<f32>(0.0);

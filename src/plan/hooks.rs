@@ -953,6 +953,7 @@ pub(crate) fn plan_attention(
     b: &mut Builder,
     g: &BoundGraph,
     a: &AttnPrep,
+    next: &[super::fuse::Group],
     weights: &mut [WeightPlan],
     value_buf: &[usize],
 ) -> Result<()> {
@@ -1009,6 +1010,38 @@ pub(crate) fn plan_attention(
     nodes.sort_unstable();
     let splits = a.splits.max(1);
     let split = splits.to_string();
+    let pf = prefetch_targets(g, next, weights, b.prefetch_bytes);
+    let mut binds = vec![
+        vb(a.src[0]),
+        vb(a.src[1]),
+        vb(a.src[2]),
+        Buf::KCache(*cache),
+        Buf::VCache(*cache),
+        vb(n.output),
+        qw,
+        kw,
+    ];
+    let mut pf_words = Vec::new();
+    if !pf.is_empty() {
+        for j in 0..3 {
+            match pf.get(j) {
+                Some(&(w, bytes)) => {
+                    binds.push(Buf::Raw {
+                        weight: w,
+                        chunk: 0,
+                    });
+                    pf_words.push(uc(bytes / 4));
+                }
+                None => {
+                    binds.push(Buf::Dummy);
+                    pf_words.push(uc(0));
+                }
+            }
+        }
+        pf_words.push(uc(PREFETCH_GROUPS));
+        pf_words.push(uc(0));
+    }
+    let pf_groups = if pf.is_empty() { 0 } else { PREFETCH_GROUPS };
     b.launch_fused(
         nodes.clone(),
         "attention",
@@ -1018,19 +1051,11 @@ pub(crate) fn plan_attention(
             ("KNORM", if kn { "1" } else { "0" }),
             ("ROPE", rope),
             ("SPLIT", &split),
+            ("PF", if pf.is_empty() { "0" } else { "1" }),
         ],
         Hooks::new(),
         "",
-        vec![
-            vb(a.src[0]),
-            vb(a.src[1]),
-            vb(a.src[2]),
-            Buf::KCache(*cache),
-            Buf::VCache(*cache),
-            vb(n.output),
-            qw,
-            kw,
-        ],
+        binds,
         vec![
             u(Lin::t(1)),
             uc(h),
@@ -1045,9 +1070,16 @@ pub(crate) fn plan_attention(
             uc(dims),
             Word::F(base as f32),
             Word::F(rscale as f32),
-        ],
+        ]
+        .into_iter()
+        .chain(pf_words)
+        .collect(),
         |_| Groups::Linear {
-            n: Lin::t((h * splits) as u64),
+            n: Lin {
+                t: (h * splits) as u64,
+                p: 0,
+                c: pf_groups as u64,
+            },
             div: 1,
             z: Lin::c(1),
         },
@@ -1071,6 +1103,54 @@ pub(crate) fn plan_attention(
         )?;
     }
     Ok(())
+}
+
+/// Workgroups (of the attention's width) that prefetch weights beside a
+/// decode attention: two per SM of an H100 / H200 (132 SMs), each thread
+/// eight loads in flight.
+const PREFETCH_GROUPS: usize = 264;
+
+/// The weights a decode attention's spare workgroups bring into the L2
+/// cache (attention.wgsl's PF): from the matmul groups that run after it,
+/// in order, whole weights while `budget` bytes allow, then an equal share
+/// of what is left from each weight of the next group (a pair's rows are
+/// read from the start of both weights together). At most three weights,
+/// each from the start of its first chunk: (weight, bytes).
+fn prefetch_targets(
+    g: &BoundGraph,
+    next: &[super::fuse::Group],
+    weights: &[WeightPlan],
+    budget: usize,
+) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut left = budget;
+    for gr in next {
+        let super::fuse::Group::Matvec(m) = gr else {
+            break;
+        };
+        let ws = mat_weights(g, m);
+        if left == 0 || out.len() + ws.len() > 3 {
+            break;
+        }
+        let bytes: Vec<usize> = ws
+            .iter()
+            .map(|&w| {
+                let wp = &weights[w];
+                wp.chunks.first().map_or(0, |c| c.1) * wp.row_bytes
+            })
+            .collect();
+        let total: usize = bytes.iter().sum();
+        if total <= left {
+            out.extend(ws.iter().copied().zip(bytes.iter().copied()));
+            left -= total;
+            continue;
+        }
+        let share = left / ws.len() / 32 * 32;
+        out.extend(ws.iter().zip(&bytes).map(|(&w, &n)| (w, n.min(share))));
+        break;
+    }
+    out.retain(|&(_, n)| n >= 32);
+    out
 }
 
 /// f32 elements per token that a value's buffer holds beyond the value
