@@ -37,13 +37,6 @@
 //! out[h] = Σ_s e^(m_s - M) acc_s / Σ_s e^(m_s - M) l_s, M = max_s m_s.
 //! Every split preps its own q; the split holding pos0 uses the fresh k, v;
 //! split 0 of the first query head of each kv head writes the cache rows.
-//! PF=1 (with PREP): p.pf_groups more workgroups, after the attention's,
-//! read the first p.pf_a, p.pf_b, p.pf_c words of bindings 8, 9, 10 (the
-//! weights of the matmuls that run next; Params moves to binding 11), one
-//! word per 32-byte sector, so that those bytes come into the L2 cache
-//! while the attention, which streams little, leaves the memory bus idle.
-//! What they read is dropped (stored only if p.pf_sink != 0, which the
-//! plan never sets).
 //! knob WG: 64 128 256
 //! knob SUBGROUPS: 0 1
 //! knob PREP: 1 0
@@ -51,9 +44,8 @@
 //! knob KNORM: 0 1
 //! knob ROPE: NONE NORMAL NEOX
 //! knob SPLIT: 1 2 4 8 16 32
-//! knob PF: 0 1
-//! cover: QNORM KNORM ROPE SPLIT PF
-//! require: (PREP == 1 || SPLIT == 1) && (PF == 0 || PREP == 1)
+//! cover: QNORM KNORM ROPE SPLIT
+//! require: PREP == 1 || SPLIT == 1
 //! wg_storage: (256 + 2 * WG + PREP * 512) * 4
 // (naga takes subgroup builtins without `enable subgroups;`: the validator's
 // SUBGROUP capability gates them. The subgroup size is never assumed.)
@@ -73,13 +65,6 @@ struct Params {
     rope_base: f32,
     rope_scale: f32,
 #endif
-#if PF
-    pf_a: u32,
-    pf_b: u32,
-    pf_c: u32,
-    pf_groups: u32,
-    pf_sink: u32,
-#endif
 }
 
 #if PREP
@@ -95,14 +80,7 @@ struct Params {
 #if KNORM
 @group(0) @binding(7) var<storage, read> k_norm: array<f32>;
 #endif
-#if PF
-@group(0) @binding(8) var<storage, read> pf_wa: array<u32>;
-@group(0) @binding(9) var<storage, read> pf_wb: array<u32>;
-@group(0) @binding(10) var<storage, read> pf_wc: array<u32>;
-@group(0) @binding(11) var<uniform> p: Params;
-#else
 @group(0) @binding(8) var<uniform> p: Params;
-#endif
 var<workgroup> k_sh: array<f32, 256>;
 var<workgroup> v_sh: array<f32, 256>;
 #include rope_angle.wgsl
@@ -305,34 +283,6 @@ fn vrow(j: u32, vb: u32, dd: u32, pos: u32) -> f32 {
 #endif
 }
 
-#if PF
-// XOR of one word per 32-byte sector of the first n words of binding
-// `which`, over this invocation's sectors (i: its index among the
-// prefetching invocations, nt: their count). Eight loads a sweep, issued
-// before any is used.
-fn touch(which: u32, n: u32, i: u32, nt: u32) -> u32 {
-    let ns = n / 8u;
-    var acc = 0u;
-    for (var s0 = i; s0 < ns; s0 += 8u * nt) {
-        var v: array<u32, 8>;
-        for (var u = 0u; u < 8u; u++) {
-            let w = 8u * min(s0 + u * nt, ns - 1u);
-            if which == 0u {
-                v[u] = pf_wa[w];
-            } else if which == 1u {
-                v[u] = pf_wb[w];
-            } else {
-                v[u] = pf_wc[w];
-            }
-        }
-        for (var u = 0u; u < 8u; u++) {
-            acc ^= v[u];
-        }
-    }
-    return acc;
-}
-
-#endif
 @compute @workgroup_size({{WG}})
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -347,14 +297,6 @@ fn main(
 ) {
     let item = wg.x + wg.y * nwg.x;
     if item >= p.t * p.h * SPLIT {
-#if PF
-        let pi = (item - p.t * p.h * SPLIT) * {{WG}}u + lid;
-        let nt = p.pf_groups * {{WG}}u;
-        let acc = touch(0u, p.pf_a, pi, nt) ^ touch(1u, p.pf_b, pi, nt) ^ touch(2u, p.pf_c, pi, nt);
-        if p.pf_sink != 0u {
-            out[pi] = bitcast<f32>(acc);
-        }
-#endif
         return;
     }
     // (token, head) row and split.
@@ -453,18 +395,6 @@ fn main(
     for (var j0 = lo; j0 < end; j0 += {{WG}}u) {
         let j = j0 + lid;
         var s = NEG;
-        let nk = min({{WG}}u, end - j0);
-        // The value pass's first sixteen keys of each output dimension,
-        // loaded before the scores so that their latency overlaps the q·k
-        // pass (a short context is one such pass).
-        var v0: array<array<f32, 16>, NACC>;
-        for (var c = 0u; c < NACC; c++) {
-            let dd = min(d0 + c * {{WG}}u, p.dv - 1u);
-            for (var u = 0u; u < 16u; u++) {
-                let tu = min(kp + u * ph, nk - 1u);
-                v0[c][u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
-            }
-        }
 #if SUBGROUPS
         score_block(j0, min({{WG}}u, end - j0), pos, k_off, k_stride, sg_lane, sg_id, n_sg, sg_size);
 #endif
@@ -504,6 +434,7 @@ fn main(
         l = l * corr + e;
         pw[lid] = e;
         workgroupBarrier();
+        let nk = min({{WG}}u, end - j0);
         for (var c = 0u; c < NACC; c++) {
             let dd = d0 + c * {{WG}}u;
             if dd < p.dv && kp < ph {
@@ -513,13 +444,11 @@ fn main(
                 // loop that waits for one load at a time is bound by memory
                 // latency. Keys past the block repeat its last with weight 0.
                 for (var t = kp; t < nk; t += 16u * ph) {
-                    var v = v0[c];
+                    var v: array<f32, 16>;
                     var w: array<f32, 16>;
                     for (var u = 0u; u < 16u; u++) {
                         let tu = min(t + u * ph, nk - 1u);
-                        if t != kp {
-                            v[u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
-                        }
+                        v[u] = vrow(j0 + tu, (j0 + tu) * v_stride + v_off + dd, dd, pos);
                         w[u] = select(0.0, pw[tu], t + u * ph < nk);
                     }
                     var a4 = vec4<f32>(0.0);

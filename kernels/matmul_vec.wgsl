@@ -22,7 +22,8 @@
 //!     norm weight of row elements e..e+4 and NORM_EPS its epsilon; the
 //!     input is read as x_in times x_w, and every dot product is scaled by
 //!     1 / sqrt(mean(x²) + eps) over the raw row;
-//!   store(seg, m, n, a, b): write row n of weight `seg` (a; PAIR: b too).
+//!   store(seg, m, n, a, b) -> f32: write row n of weight `seg` (a; PAIR:
+//!     b too), returning the value stored.
 //! The default hook is the plain matmul: y[m * ldy + n_offset + base + n]
 //! where base is the row's segment start (Q, K, V rows concatenated), and
 //! PAIR stores a * b.
@@ -42,9 +43,9 @@
 //! int8 matmul that reads it next, so no quantize_rows dispatch runs
 //! between them. Each workgroup owns one block: TEAMS = 32 / ROWS teams of
 //! TW = WG / TEAMS invocations, each team its own ROWS rows (as a
-//! workgroup of TW would take them). Once the block is stored, it is read
-//! back (hook qout_x4(m, n): stored elements n..n+4 of token m),
-//! multiplied by the reader's norm weight (qout_w4(n), 1.0 without one)
+//! workgroup of TW would take them). The values store returns are kept in
+//! workgroup memory; once the block is complete it is multiplied by the
+//! reader's norm weight (qout_w4(n), 1.0 without one)
 //! and written through qout_word(i, v) at p.qo + m * (N/4 + N/32): N/4
 //! words of q, N/32 block scales (quantize_rows' layout), and after all M
 //! rows the per-block Σ x² (raw x) at p.qo + M (N/4 + N/32) + m N/32, from
@@ -65,7 +66,7 @@
 //! knob QOUT: 0 1
 //! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT
 //! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && XS == 0 && WG * ROWS >= 256 && WG * ROWS <= 4096)) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
-//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS) * 4
+//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS + 32 * QOUT) * 4
 #if F16
 enable f16;
 #endif
@@ -150,6 +151,10 @@ var<private> tl_: u32;
 // 1 where some subgroup holds invocations of two teams (then the teams
 // reduce through workgroup memory).
 var<workgroup> mixed_: u32;
+#endif
+#if QOUT
+// The workgroup's 32-row block as stored (team t's rows at t * ROWS..).
+var<workgroup> qblk: array<f32, 32>;
 #endif
 #if NORM
 // 1 / rms of this token's raw input row.
@@ -326,11 +331,6 @@ fn load_word_c(i: u32) -> u32 {
 #if QOUT
 @group(0) @binding(6) var<storage, read_write> yq: array<u32>;
 
-fn qout_x4(m: u32, n: u32) -> vec4<f32> {
-    let i = m * p.ldy + p.n_offset + n;
-    return vec4<f32>(y[i], y[i + 1u], y[i + 2u], y[i + 3u]);
-}
-
 fn qout_w4(n: u32) -> vec4<f32> {
     return vec4<f32>(1.0);
 }
@@ -369,13 +369,16 @@ fn prologue(m: u32, g: u32) {
 #endif
 }
 
-fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) {
+fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) -> f32 {
 #if PAIR
-    y[m * p.ldy + p.n_offset + n] = a * b;
+    let v = a * b;
+    y[m * p.ldy + p.n_offset + n] = v;
 #else
+    let v = a;
     let base = select(0u, select(p.na, p.na + p.nb, seg == 2u), seg > 0u);
-    y[m * p.ldy + p.n_offset + base + n] = a;
+    y[m * p.ldy + p.n_offset + base + n] = v;
 #endif
+    return v;
 }
 #endhook
 
@@ -524,18 +527,21 @@ fn main(
 #if NORM
         t *= norm_r_;
 #endif
-        store(seg, m, n0 + tl_, t.x, t.y);
+        let v = store(seg, m, n0 + tl_, t.x, t.y);
+#if QOUT
+        qblk[team * ROWS + tl_] = v;
+#endif
     }
 #if QOUT
-    // The workgroup's block (rows 32 g .. 32 g + 32) is stored: quantize it
-    // as quantize_rows would, after the norm weight of the row's reader.
-    storageBarrier();
+    // The workgroup's block (rows 32 g .. 32 g + 32) is complete: quantize
+    // it as quantize_rows would, after the norm weight of the row's reader
+    // (from workgroup memory: no round trip through the stored row).
     workgroupBarrier();
     let nq = p.na / 32u;
     var v = vec4<f32>(0.0);
     if lid < 8u {
         let e = g * 32u + 4u * lid;
-        let x = qout_x4(m, e);
+        let x = vec4<f32>(qblk[4u * lid], qblk[4u * lid + 1u], qblk[4u * lid + 2u], qblk[4u * lid + 3u]);
         v = x * qout_w4(e);
         red[lid] = max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w)));
         red[8u + lid] = dot(x, x);

@@ -84,10 +84,6 @@ struct ModelArgs {
     /// llama.cpp does.
     #[arg(long)]
     f32_activations: bool,
-    /// MiB of the next matmuls' weights that each decode attention's spare
-    /// workgroups read into the GPU's L2 cache while it runs (0: none).
-    #[arg(long, value_name = "MIB", default_value_t = 0.0)]
-    prefetch_mib: f64,
 }
 
 impl ModelArgs {
@@ -96,7 +92,6 @@ impl ModelArgs {
         Ok(kiln::plan::FuseOptions {
             disabled: self.no_fuse.clone(),
             f32_activations: self.f32_activations,
-            prefetch_bytes: (self.prefetch_mib.max(0.0) * 1048576.0) as usize,
             ..Default::default()
         })
     }

@@ -184,14 +184,7 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         };
         let mut configs = vec![
             ("all passes".to_string(), FuseOptions::default()),
-            (
-                // Prefetch workgroups beside the attention change nothing.
-                "8 splits, 1 MiB prefetched".to_string(),
-                FuseOptions {
-                    prefetch_bytes: 1 << 20,
-                    ..forced(8, &[])
-                },
-            ),
+            ("8 splits".to_string(), forced(8, &[])),
             (
                 // What rows longer than PROLOGUE_PAYS_UP_TO_K get with
                 // --f32-activations.

@@ -463,7 +463,7 @@ fn attention_prep(
             upload(ctx, "q_norm", &qw),
             upload(ctx, "k_norm", &kw),
         ];
-        let mut params = vec![
+        let params = [
             1,
             h as u32,
             hkv as u32,
@@ -478,19 +478,6 @@ fn attention_prep(
             base.to_bits(),
             rscale.to_bits(),
         ];
-        // PF: spare workgroups read three other buffers (of 1000, 37 and 0
-        // words, the last a placeholder) and must leave the result alone.
-        let pf_words = [1000usize, 37, 0];
-        let pf_groups = 3usize;
-        let pf = knobs["PF"] == "1";
-        let pf_bufs: Vec<wgpu::Buffer> = pf_words
-            .iter()
-            .map(|&n| upload(ctx, "pf", &rng.vec(n.max(1))))
-            .collect();
-        if pf {
-            params.extend(pf_words.iter().map(|&n| n as u32));
-            params.extend([pf_groups as u32, 0]);
-        }
         let pb = kernel::uniform(ctx, "params", &params);
         let mut binds: Vec<(u32, &wgpu::Buffer)> = (0..6).map(|i| (i as u32, &bufs[i])).collect();
         if qnorm {
@@ -499,16 +486,10 @@ fn attention_prep(
         if knorm {
             binds.push((7, &bufs[7]));
         }
-        if pf {
-            binds.extend((0..3).map(|i| (8 + i as u32, &pf_bufs[i])));
-            binds.push((11, &pb));
-        } else {
-            binds.push((8, &pb));
-        }
+        binds.push((8, &pb));
         let bind = k.bind_at(ctx, &binds);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let groups = h * splits + if pf { pf_groups } else { 0 };
-        k.dispatch(&mut enc, &bind, spread(groups as u32, 65535));
+        k.dispatch(&mut enc, &bind, spread((h * splits) as u32, 65535));
         ctx.queue.submit([enc.finish()]);
         let what = format!(
             "{label} prep H {h} Hkv {hkv} D {d} pos0 {pos0} window {window} softcap {softcap}"

@@ -193,11 +193,6 @@ pub struct FuseOptions {
     /// not only where it pays on the measured GPU (re-laid Q4_0 weights,
     /// see src/plan/hooks.rs). Tests set it to exercise every dtype.
     pub quantize_every_dtype: bool,
-    /// Bytes of the next matmuls' weights that each fused decode
-    /// attention's spare workgroups read into the GPU's L2 cache while it
-    /// runs (attention.wgsl's PF; 0: none). The attention streams little,
-    /// so the memory bus is otherwise idle then. It changes no result.
-    pub prefetch_bytes: usize,
 }
 
 impl FuseOptions {
@@ -226,7 +221,6 @@ impl FuseOptions {
             stage_up_to_k: None,
             f32_activations: false,
             quantize_every_dtype: false,
-            prefetch_bytes: 0,
         }
     }
 }

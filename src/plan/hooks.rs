@@ -409,7 +409,7 @@ pub(crate) fn plan_matvec(
         }
         pro += "}\n";
         // Store: the pair's activation, the epilogue, the outputs.
-        let mut st = String::from("fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) {\n");
+        let mut st = String::from("fn store(seg: u32, m: u32, n: u32, a: f32, b: f32) -> f32 {\n");
         match m.pair {
             Some((Some(a), _)) => {
                 let BoundOp::Unary(u) = &g.nodes[a].op else {
@@ -438,7 +438,7 @@ pub(crate) fn plan_matvec(
             bd.add(&name, true, vb(outs[0]));
             let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
             if let Some(q) = qout {
-                x_fns += &qout_fns(&mut bd, &name, q, vb(outs[0]), weights);
+                x_fns += &qout_fns(&mut bd, q, vb(outs[0]), weights);
             }
         } else {
             // Each sibling's output, after its own epilogue.
@@ -466,7 +466,7 @@ pub(crate) fn plan_matvec(
                 );
             }
         }
-        st += "}\n";
+        st += "    return v;\n}\n";
         let nb = bd.bufs.len();
         let hook = format!(
             "{}@group(0) @binding({nb}) var<uniform> p: Params;\n\n{x_fns}\n{pro}\n{st}",
@@ -555,8 +555,8 @@ fn qout_workgroup(team: u32, rows: usize, pair: bool, caps: &crate::codegen::Cap
     let teams = 32 / rows as u32;
     let mut wg = team * teams;
     // matmul_vec's wg_storage: partial sums for every invocation's rows,
-    // and the reduction slots.
-    let bytes = |wg: u32| (wg * rows as u32 * (1 + pair as u32) + wg) * 4;
+    // the reduction slots and the block.
+    let bytes = |wg: u32| (wg * rows as u32 * (1 + pair as u32) + wg + 32) * 4;
     while wg > 8 * teams && (wg > caps.max_invocations.min(1024) || bytes(wg) > caps.max_wg_storage)
     {
         wg /= 2;
@@ -725,10 +725,10 @@ fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
         .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
 }
 
-/// The hook functions of matmul_vec's QOUT for a producer storing into `y`
-/// (bound as `buf`): the int8 row's binding (the same buffer, read as
-/// words) and the reader's norm weight.
-fn qout_fns(bd: &mut Binds, y: &str, q: QuantOut, buf: Buf, weights: &mut [WeightPlan]) -> String {
+/// The hook functions of matmul_vec's QOUT for a producer storing into
+/// `buf`: the int8 row's binding (the same buffer, read as words) and the
+/// reader's norm weight.
+fn qout_fns(bd: &mut Binds, q: QuantOut, buf: Buf, weights: &mut [WeightPlan]) -> String {
     bd.add_as("yq", true, buf, "u32");
     let w = match q.norm {
         Some(w) => {
@@ -739,7 +739,7 @@ fn qout_fns(bd: &mut Binds, y: &str, q: QuantOut, buf: Buf, weights: &mut [Weigh
         None => "vec4<f32>(1.0)",
     };
     format!(
-        "\nfn qout_x4(m: u32, n: u32) -> vec4<f32> {{\n    let i = m * p.ldy + p.n_offset + n;\n    return vec4<f32>({y}[i], {y}[i + 1u], {y}[i + 2u], {y}[i + 3u]);\n}}\n\nfn qout_w4(n: u32) -> vec4<f32> {{\n    return {w};\n}}\n\nfn qout_word(i: u32, v: u32) {{\n    yq[i] = v;\n}}\n"
+        "\nfn qout_w4(n: u32) -> vec4<f32> {{\n    return {w};\n}}\n\nfn qout_word(i: u32, v: u32) {{\n    yq[i] = v;\n}}\n"
     )
 }
 
@@ -953,7 +953,6 @@ pub(crate) fn plan_attention(
     b: &mut Builder,
     g: &BoundGraph,
     a: &AttnPrep,
-    next: &[super::fuse::Group],
     weights: &mut [WeightPlan],
     value_buf: &[usize],
 ) -> Result<()> {
@@ -1010,38 +1009,6 @@ pub(crate) fn plan_attention(
     nodes.sort_unstable();
     let splits = a.splits.max(1);
     let split = splits.to_string();
-    let pf = prefetch_targets(g, next, weights, b.prefetch_bytes);
-    let mut binds = vec![
-        vb(a.src[0]),
-        vb(a.src[1]),
-        vb(a.src[2]),
-        Buf::KCache(*cache),
-        Buf::VCache(*cache),
-        vb(n.output),
-        qw,
-        kw,
-    ];
-    let mut pf_words = Vec::new();
-    if !pf.is_empty() {
-        for j in 0..3 {
-            match pf.get(j) {
-                Some(&(w, bytes)) => {
-                    binds.push(Buf::Raw {
-                        weight: w,
-                        chunk: 0,
-                    });
-                    pf_words.push(uc(bytes / 4));
-                }
-                None => {
-                    binds.push(Buf::Dummy);
-                    pf_words.push(uc(0));
-                }
-            }
-        }
-        pf_words.push(uc(PREFETCH_GROUPS));
-        pf_words.push(uc(0));
-    }
-    let pf_groups = if pf.is_empty() { 0 } else { PREFETCH_GROUPS };
     b.launch_fused(
         nodes.clone(),
         "attention",
@@ -1051,11 +1018,19 @@ pub(crate) fn plan_attention(
             ("KNORM", if kn { "1" } else { "0" }),
             ("ROPE", rope),
             ("SPLIT", &split),
-            ("PF", if pf.is_empty() { "0" } else { "1" }),
         ],
         Hooks::new(),
         "",
-        binds,
+        vec![
+            vb(a.src[0]),
+            vb(a.src[1]),
+            vb(a.src[2]),
+            Buf::KCache(*cache),
+            Buf::VCache(*cache),
+            vb(n.output),
+            qw,
+            kw,
+        ],
         vec![
             u(Lin::t(1)),
             uc(h),
@@ -1070,16 +1045,9 @@ pub(crate) fn plan_attention(
             uc(dims),
             Word::F(base as f32),
             Word::F(rscale as f32),
-        ]
-        .into_iter()
-        .chain(pf_words)
-        .collect(),
+        ],
         |_| Groups::Linear {
-            n: Lin {
-                t: (h * splits) as u64,
-                p: 0,
-                c: pf_groups as u64,
-            },
+            n: Lin::t((h * splits) as u64),
             div: 1,
             z: Lin::c(1),
         },
@@ -1103,54 +1071,6 @@ pub(crate) fn plan_attention(
         )?;
     }
     Ok(())
-}
-
-/// Workgroups (of the attention's width) that prefetch weights beside a
-/// decode attention: two per SM of an H100 / H200 (132 SMs), each thread
-/// eight loads in flight.
-const PREFETCH_GROUPS: usize = 264;
-
-/// The weights a decode attention's spare workgroups bring into the L2
-/// cache (attention.wgsl's PF): from the matmul groups that run after it,
-/// in order, whole weights while `budget` bytes allow, then an equal share
-/// of what is left from each weight of the next group (a pair's rows are
-/// read from the start of both weights together). At most three weights,
-/// each from the start of its first chunk: (weight, bytes).
-fn prefetch_targets(
-    g: &BoundGraph,
-    next: &[super::fuse::Group],
-    weights: &[WeightPlan],
-    budget: usize,
-) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut left = budget;
-    for gr in next {
-        let super::fuse::Group::Matvec(m) = gr else {
-            break;
-        };
-        let ws = mat_weights(g, m);
-        if left == 0 || out.len() + ws.len() > 3 {
-            break;
-        }
-        let bytes: Vec<usize> = ws
-            .iter()
-            .map(|&w| {
-                let wp = &weights[w];
-                wp.chunks.first().map_or(0, |c| c.1) * wp.row_bytes
-            })
-            .collect();
-        let total: usize = bytes.iter().sum();
-        if total <= left {
-            out.extend(ws.iter().copied().zip(bytes.iter().copied()));
-            left -= total;
-            continue;
-        }
-        let share = left / ws.len() / 32 * 32;
-        out.extend(ws.iter().zip(&bytes).map(|(&w, &n)| (w, n.min(share))));
-        break;
-    }
-    out.retain(|&(_, n)| n >= 32);
-    out
 }
 
 /// f32 elements per token that a value's buffer holds beyond the value

@@ -339,8 +339,6 @@ pub(crate) struct Builder {
     pub(crate) quantize_every_dtype: bool,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
     pub(crate) extra: Vec<(usize, u64)>,
-    /// [`FuseOptions::prefetch_bytes`].
-    pub(crate) prefetch_bytes: usize,
     templates: BTreeMap<String, Template>,
     kernels: Vec<KernelRef>,
     launches: Vec<Launch>,
@@ -505,7 +503,6 @@ pub fn plan_with(
         int8_input_over_k: opts.int8_over_k(),
         quantize_every_dtype: opts.quantize_every_dtype,
         extra: Vec::new(),
-        prefetch_bytes: opts.prefetch_bytes,
         templates,
         kernels: Vec::new(),
         launches: Vec::new(),
@@ -575,9 +572,7 @@ pub fn plan_with(
             Group::Matvec(m) => {
                 hooks::plan_matvec(&mut b, g, gi, m, &quant, &mut weights, &value_buf)?
             }
-            Group::Attention(a) => {
-                hooks::plan_attention(&mut b, g, a, &groups[gi + 1..], &mut weights, &value_buf)?
-            }
+            Group::Attention(a) => hooks::plan_attention(&mut b, g, a, &mut weights, &value_buf)?,
         }
     }
     let mut extra: Vec<(usize, u64)> = groups
