@@ -45,11 +45,11 @@
 //! TW = WG / TEAMS invocations, each team its own ROWS rows (as a
 //! workgroup of TW would take them). The values store returns are kept in
 //! workgroup memory; once the block is complete it is multiplied by the
-//! reader's norm weight (qout_w4(n), 1.0 without one)
-//! and written through qout_word(i, v) at p.qo + m * (N/4 + N/32): N/4
-//! words of q, N/32 block scales (quantize_rows' layout), and after all M
-//! rows the per-block Σ x² (raw x) at p.qo + M (N/4 + N/32) + m N/32, from
-//! which the reader's NORM takes its 1 / rms.
+//! reader's norm weight (qout_w4(n), 1.0 without one) and written through
+//! qout_word(i, v) at p.qo + m * (N/4 + N/32): N/4 words of q, N/32 block
+//! scales (quantize_rows' layout), and after all M rows the per-block Σ x²
+//! (raw x) at p.qo + M (N/4 + N/32) + m N/32, from which the reader's NORM
+//! takes its 1 / rms.
 //! With XQ=1, NORM=1 reads that Σ x² (after the int8 rows, p.xqo + M (K/4
 //! + K/32) + m K/32) instead of summing x² itself.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL

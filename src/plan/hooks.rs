@@ -719,9 +719,9 @@ pub(crate) fn plan_producer_quantize(
 /// slower (1417 -> 2107 µs a step, Q4_K_M decode 291 -> 251 tok/s; with
 /// every Q4_K producer's workgroup capped at 256 invocations, 8 teams of
 /// 32, still 291 -> 272, stop 16), against ~3 µs saved per quantize_rows
-/// dispatch dropped. With every
-/// weight re-laid Q4_0 (Q4_0X) it pays: Q4_0 decode 332 -> 342 tok/s,
-/// Qwen2.5-7B shape 345 -> 371 (docs/PERF.md, stop 15).
+/// dispatch dropped. With every weight re-laid Q4_0 (Q4_0X) it pays: Q4_0
+/// decode 332 -> 342 tok/s, Qwen2.5-7B shape 345 -> 371 (docs/PERF.md,
+/// stop 15).
 fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
     ws.iter()
         .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
