@@ -28,8 +28,8 @@
 //! dims, rope_base, rope_scale).
 //! SPLIT > 1 (with PREP=1; split-K decode): SPLIT workgroups per head
 //! (linear index item = head * SPLIT + s) each take one contiguous chunk of
-//! the attended keys first..=pos0 (chunk = ceil(keys / SPLIT); a split past
-//! the end is empty) and write an unnormalized partial row
+//! the attended keys first..=pos0 (chunk = max(ceil(keys / SPLIT), 32); a
+//! split past the end is empty) and write an unnormalized partial row
 //! [m, l, acc[0..Dv]] (running max, Σ exp(s - m), Σ exp(s - m) · v) at
 //! out[T * H * Dv + item * (Dv + 2)], i.e. after the [T, H, Dv] output it
 //! leaves unwritten. An empty split writes m = -3e38, l = 0, acc = 0. The
@@ -96,6 +96,10 @@ var<workgroup> v_sh: array<f32, 256>;
 const NACC: u32 = (256u + {{WG}}u - 1u) / {{WG}}u;
 const NEG: f32 = -3.0e38;
 const SPLIT: u32 = {{SPLIT}}u;
+// Fewest keys a split takes (SPLIT > 1): one pass of the scoring and value
+// loops at WG 256 with 32-wide subgroups, so a short context runs on fewer
+// splits at the same latency and leaves the merge fewer partial rows.
+const MIN_CHUNK: u32 = 32u;
 
 var<workgroup> q_sh: array<f32, 256>;
 var<workgroup> pw: array<f32, {{WG}}>;
@@ -312,9 +316,20 @@ fn main(
     }
     // This split's keys: lo..end (end exclusive; empty when lo == end).
     let keys = pos + 1u - first;
-    let chunk = (keys + SPLIT - 1u) / SPLIT;
+    let chunk = max((keys + SPLIT - 1u) / SPLIT, MIN_CHUNK);
     let lo = first + min(sp * chunk, keys);
     let end = first + min(sp * chunk + chunk, keys);
+#if SPLIT > 1
+    if lo == end {
+        // Nothing to attend (sp > 0: split 0 always has keys and writes the
+        // cache): the neutral partial row, before any load.
+        let pb = p.t * p.h * p.dv + item * (p.dv + 2u);
+        for (var c = lid; c < p.dv + 2u; c += {{WG}}u) {
+            out[pb + c] = select(0.0, NEG, c == 0u);
+        }
+        return;
+    }
+#endif
     // q (and with PREP the current token's k and v for this kv head,
     // prepared like q) in one phase: their loads are in flight together.
     for (var c = lid; c < p.d; c += {{WG}}u) {

@@ -3,7 +3,8 @@
 //! the SPLIT partial rows [m, l, acc[0..Dv]] of each head h, read from
 //! part[part_off + (h * SPLIT + s) * (Dv + 2)], become
 //! out[h * Dv + d] = Σ_s e^(m_s - M) acc_s[d] / Σ_s e^(m_s - M) l_s with
-//! M = max_s m_s (an empty split, m = -3e38 and l = 0, weighs nothing).
+//! M = max_s m_s (kernels/lib/merge.wgsl; an empty split, m = -3e38 and
+//! l = 0, weighs nothing).
 //! One workgroup per head (linear workgroup index wg.x + wg.y *
 //! num_workgroups.x, beyond H return); invocations stride over Dv.
 //! Bindings: 0 part, 1 out, 2 Params{h, dv, part_off}. In a plan part and
@@ -23,6 +24,13 @@ struct Params {
 @group(0) @binding(2) var<uniform> p: Params;
 
 const SPLIT: u32 = {{SPLIT}}u;
+const MERGE_S: u32 = SPLIT;
+
+fn part_ld(i: u32) -> f32 {
+    return part[i];
+}
+
+#include merge.wgsl
 
 @compute @workgroup_size({{WG}})
 fn main(
@@ -36,22 +44,8 @@ fn main(
     }
     let row = p.dv + 2u;
     let hb = p.part_off + h * SPLIT * row;
-    var mx = -3.0e38;
-    for (var s = 0u; s < SPLIT; s++) {
-        mx = max(mx, part[hb + s * row]);
-    }
-    var w: array<f32, SPLIT>;
-    var den = 0.0;
-    for (var s = 0u; s < SPLIT; s++) {
-        w[s] = exp(part[hb + s * row] - mx);
-        den += w[s] * part[hb + s * row + 1u];
-    }
-    let inv = 1.0 / den;
+    let w = merge_weights(hb, row);
     for (var d = lid; d < p.dv; d += {{WG}}u) {
-        var acc = 0.0;
-        for (var s = 0u; s < SPLIT; s++) {
-            acc += w[s] * part[hb + s * row + 2u + d];
-        }
-        out[h * p.dv + d] = acc * inv;
+        out[h * p.dv + d] = merge1(w, hb, row, d);
     }
 }

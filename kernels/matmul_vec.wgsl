@@ -52,6 +52,12 @@
 //! takes its 1 / rms.
 //! With XQ=1, NORM=1 reads that Σ x² (after the int8 rows, p.xqo + M (K/4
 //! + K/32) + m K/32) instead of summing x² itself.
+//! XQ=1 with XS > 0 (K <= XS, NORM=0): the prologue makes the int8 row in
+//! workgroup memory instead (`xqs`, the same layout, from word 0), each
+//! invocation quantizing a word at a time through xq_stage(w, v); xq_in
+//! reads `xqs`. The default hook quantizes the f32 input row x; a fused
+//! one makes the row as it goes (a split attention's merge), so no
+//! quantize_rows dispatch runs before the matmul.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
 //! knob DTYPE_B: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL NONE
 //! knob DTYPE_C: NONE F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
@@ -65,8 +71,8 @@
 //! knob XQ: 0 1
 //! knob QOUT: 0 1
 //! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT
-//! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && XS == 0 && WG * ROWS >= 256 && WG * ROWS <= 4096)) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && XS == 0 && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
-//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS + 32 * QOUT) * 4
+//! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && (XS == 0 || XQ == 1) && WG * ROWS >= 256 && WG * ROWS <= 4096)) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && (XS == 0 || NORM == 0) && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
+//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS - XQ * (XS - XS / 4 - XS / 32) + 32 * QOUT) * 4
 #if F16
 enable f16;
 #endif
@@ -101,7 +107,10 @@ const TW: u32 = WG / TEAMS;
 // (or subgroup) i.
 var<workgroup> partial: array<f32, WG * ROWS * NACC>;
 var<workgroup> red: array<f32, WG>;
-#if XS
+#if XS && XQ
+// The staged int8 row: K/4 words of q, then K/32 block scales.
+var<workgroup> xqs: array<u32, {{XS}} / 4 + {{XS}} / 32>;
+#elif XS
 // The staged input row, as vec4 so that x8's reads are two 16-byte loads
 // (scalar reads at a stride of 8 floats would conflict on 8-way banks).
 var<workgroup> xs: array<vec4<f32>, {{XS}} / 4>;
@@ -142,6 +151,32 @@ fn xq_d(e: u32) -> f32 {
 fn xq_sum(w: u32, d: f32) -> f32 {
     return d * f32(dot4I8Packed(w, 0x01010101u));
 }
+#if XS
+
+// Quantize word w (row elements 4w..4w+4, values v) into xqs, as
+// quantize_rows does: invocations lid & ~7 .. + 8 hold the 8 words of a
+// block (w - lid a multiple of 8). Call in uniform control flow; w past
+// the row is ignored.
+fn xq_stage(w: u32, v: vec4<f32>) {
+    let a = abs(v);
+    // The previous call's readers of red are done.
+    workgroupBarrier();
+    red[lid_] = max(max(a.x, a.y), max(a.z, a.w));
+    workgroupBarrier();
+    let b0 = lid_ & ~7u;
+    var amax = red[b0];
+    for (var j = 1u; j < 8u; j++) {
+        amax = max(amax, red[b0 + j]);
+    }
+    if w < p.k / 4u {
+        let inv = select(0.0, 1.0 / amax, amax > 0.0);
+        xqs[w] = pack4x8snorm(v * inv);
+        if lid_ == b0 {
+            xqs[p.k / 4u + w / 8u] = bitcast<u32>(amax / 127.0);
+        }
+    }
+}
+#endif
 
 #endif
 var<private> lid_: u32;
@@ -321,7 +356,7 @@ fn load_word_c(i: u32) -> u32 {
 @group(0) @binding(2) var<storage, read> w_c: array<u32>;
 #endif
 #endif
-#if XQ
+#if XQ && XS == 0
 @group(0) @binding(3) var<storage, read> x: array<u32>;
 #else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
@@ -342,7 +377,11 @@ fn qout_word(i: u32, v: u32) {
 
 #if XQ
 fn xq_in(i: u32) -> u32 {
+#if XS
+    return xqs[i];
+#else
     return x[i];
+#endif
 }
 #else
 fn x_in(i: u32) -> f32 {
@@ -361,7 +400,13 @@ fn x_w4(e: u32) -> vec4<f32> {
 const NORM_EPS: f32 = 1e-6;
 
 fn prologue(m: u32, g: u32) {
-#if XS
+#if XS && XQ
+    for (var w0 = 0u; w0 < p.k / 4u; w0 += WG) {
+        let e = m * p.k + 4u * min(w0 + lid_, p.k / 4u - 1u);
+        xq_stage(w0 + lid_, vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]));
+    }
+    workgroupBarrier();
+#elif XS
     for (var e = lid_; e < p.k; e += WG) {
         xs_st(e, x[m * p.k + e]);
     }
@@ -404,7 +449,9 @@ fn main(
     let g = wg.x + wg.y * nwg.x;
     let m = wg.z;
     prologue(m, g);
-#if XQ
+#if XQ && XS
+    xqo_ = 0u;
+#elif XQ
     xqo_ = p.xqo + m * (p.k / 4u + p.k / 32u);
 #endif
 #if NORM

@@ -10,7 +10,7 @@
 //! MERGE=1 makes the row from a split attention's partials instead: after
 //! the M rows of K (= heads × p.dv) elements, each token's [heads, SPLIT,
 //! p.dv + 2] partial rows (max score, Σ exp, Σ exp · v) merge into the head's
-//! output (as attention_merge.wgsl does; p.dv % 4 == 0). SPLIT is a knob
+//! output (kernels/lib/merge.wgsl; p.dv % 4 == 0). SPLIT is a knob
 //! so that the loops over the splits unroll and their loads are in flight
 //! together (with a runtime count each split's loads waited for the last).
 //! Dispatch: spread(ceil(K / 4 / WG)) over x and y (linear workgroup
@@ -47,6 +47,15 @@ struct Params {
 
 const WG: u32 = {{WG}}u;
 const SPLIT: u32 = {{SPLIT}}u;
+#if MERGE
+const MERGE_S: u32 = SPLIT;
+
+fn part_ld(i: u32) -> f32 {
+    return x[i];
+}
+
+#include merge.wgsl
+#endif
 
 var<workgroup> red: array<f32, WG>;
 var<workgroup> wmax: array<f32, WG>;
@@ -68,19 +77,7 @@ fn main(
     let prow = p.dv + 2u;
     let hb = p.m * p.k + m * (p.k / p.dv) * SPLIT * prow + ((4u * wi) / p.dv) * SPLIT * prow;
     let d = (4u * wi) % p.dv;
-    var mx = -3.0e38;
-    for (var s = 0u; s < SPLIT; s++) {
-        mx = max(mx, x[hb + s * prow]);
-    }
-    var num = vec4<f32>(0.0);
-    var den = 0.0;
-    for (var s = 0u; s < SPLIT; s++) {
-        let r = hb + s * prow;
-        let w = exp(x[r] - mx);
-        den += w * x[r + 1u];
-        num += w * vec4<f32>(x[r + 2u + d], x[r + 3u + d], x[r + 4u + d], x[r + 5u + d]);
-    }
-    var v = num / den;
+    var v = merge4(merge_weights(hb, prow), hb, prow, d);
 #else
     var v = x[x4 + wi];
 #endif

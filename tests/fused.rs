@@ -98,12 +98,27 @@ fn gpu_run(
     let int8 = gpu.plans()[0]
         .kernels
         .iter()
-        .any(|k| k.name().starts_with("quantize_rows"));
+        .any(|k| k.knobs.get("XQ").is_some_and(|v| v == "1"));
     assert_eq!(
         int8,
         opts.stage_up_to_k == Some(0) && !opts.f32_activations,
         "{opts:?}: int8 inputs only for rows over stage_up_to_k"
     );
+    // A merge into an int8 reader is made into its int8 row in workgroup
+    // memory by the reader's prologue (XQ with XS), not by quantize_rows
+    // (the tiny models' rows are at most a word per invocation).
+    if int8 && in_prologue > 0 {
+        let staged = gpu.plans()[0].kernels.iter().any(|k| {
+            k.knobs.get("XQ").is_some_and(|v| v == "1")
+                && k.knobs.get("XS").is_some_and(|v| v != "0")
+        });
+        assert!(staged, "{opts:?}: no merge made into a staged int8 row");
+        let merged_apart = gpu.plans()[0]
+            .kernels
+            .iter()
+            .any(|k| k.knobs.get("MERGE").is_some_and(|v| v == "1"));
+        assert!(!merged_apart, "{opts:?}: a quantize_rows dispatch merges");
+    }
     // The quantize pass: int8 rows made by the matmuls that produce them.
     let qout = gpu.plans()[0]
         .kernels

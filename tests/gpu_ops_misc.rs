@@ -511,7 +511,8 @@ fn attention_prep(
                 0
             };
             let keys = pos0 + 1 - first;
-            let chunk = keys.div_ceil(splits);
+            // (attention.wgsl's MIN_CHUNK: a split takes at least 32 keys.)
+            let chunk = keys.div_ceil(splits).max(32);
             for hh in 0..h {
                 for j in (0..splits).filter(|&j| j * chunk >= keys) {
                     let r = &part[(hh * splits + j) * (dv + 2)..(hh * splits + j + 1) * (dv + 2)];

@@ -245,6 +245,7 @@ pub const LIBS: &[(&str, &str)] = &[
         include_str!("../../kernels/lib/matvec_rows.wgsl"),
     ),
     ("act.wgsl", include_str!("../../kernels/lib/act.wgsl")),
+    ("merge.wgsl", include_str!("../../kernels/lib/merge.wgsl")),
     (
         "rope_angle.wgsl",
         include_str!("../../kernels/lib/rope_angle.wgsl"),

@@ -726,7 +726,8 @@ fn merge_consumer(
     let Group::Matvec(m) = &groups[j] else {
         return None;
     };
-    // quantize_rows merges four elements of one head at a time.
+    // An int8 reader merges four elements of one head at a time (in its
+    // own prologue, or quantize_rows before it; see hooks::plan_matvec).
     let int8 = opts.int8_over_k().is_some_and(|over| k > over)
         && heads > 0
         && (k / heads).is_multiple_of(4)

@@ -159,33 +159,64 @@ pub(crate) fn plan_matvec(
     let int8 = int8_reader(b, g, m, weights);
     // The producer already wrote the int8 row (its QOUT) after `start`.
     let prequant = quant.readers.get(&gi).copied().filter(|_| int8);
-    let xs = if int8 || ((m.prologue.is_empty() || m.scaled) && m.merge.is_none()) {
+    let qout = quant.by_producer.get(&gi).copied();
+    let dts: Vec<String> = ws
+        .iter()
+        .map(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]))
+        .collect();
+    // Output rows of the group (a pair's count once: its rows go together).
+    let n_rows: usize = if pair { &ws[..1] } else { &ws[..] }
+        .iter()
+        .map(|&w| g.weights[w].dims[1..].iter().product::<usize>())
+        .sum();
+    // A split attention's merge made into the int8 row in workgroup memory
+    // by the matmul's own prologue (XQ with XS), where the workgroup is wide
+    // enough to take the row a word an invocation: no quantize_rows
+    // dispatch before it. (Narrower workgroups would merge in several
+    // rounds of dependent loads, each longer than that dispatch.)
+    let stage = XS.iter().copied().find(|&c| c >= k);
+    let int8_shape = |staged: bool| {
+        int8_shape(
+            b,
+            &ws,
+            &dts,
+            weights,
+            n_rows,
+            k,
+            pair,
+            qout.is_some(),
+            stage.filter(|_| staged).unwrap_or(0),
+        )
+    };
+    let merge_staged =
+        int8 && m.merge.is_some() && stage.is_some() && int8_shape(true).0 as usize >= k / 4;
+    let (wg8, rows8) = int8_shape(merge_staged);
+    let xs = if merge_staged {
+        stage.unwrap_or(0)
+    } else if int8 || ((m.prologue.is_empty() || m.scaled) && m.merge.is_none()) {
         0
     } else {
-        *XS.iter().find(|&&c| c >= k).ok_or_else(|| {
+        stage.ok_or_else(|| {
             Error::Gpu(format!(
                 "a fused prologue needs a row of {k} elements, more than {MAX_PROLOGUE_K}; run with --no-fuse prologue"
             ))
         })?
     };
-    let dts: Vec<String> = ws
-        .iter()
-        .map(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]))
-        .collect();
     let dt = |j: usize| dts.get(j).cloned().unwrap_or_else(|| "NONE".into());
     let (dt_a, dt_b, dt_c) = (dt(0), dt(1), dt(2));
     let xs_s = xs.to_string();
     // Where the int8 row starts: after the producer's output, or after this
-    // group's own (written by quantize_rows before the matmul runs).
+    // group's own (written by quantize_rows before the matmul runs); in
+    // workgroup memory when the prologue makes it.
     let xqo = match prequant {
         Some(o) => o,
-        None if int8 => plan_quantize(
+        None if int8 && !merge_staged => plan_quantize(
             b, g, m, &nodes, start, outs[0], k, rows_m, weights, value_buf,
         )?,
         None => Lin::c(0),
     };
-    let qout = quant.by_producer.get(&gi).copied();
-    let wg_knob: String;
+    let wg_knob = wg8.to_string();
+    let rows_knob = rows8.to_string();
     let mut fixed = vec![
         ("DTYPE", dt_a.as_str()),
         ("DTYPE_B", dt_b.as_str()),
@@ -203,53 +234,10 @@ pub(crate) fn plan_matvec(
         ("XQ", if int8 { "1" } else { "0" }),
         ("QOUT", if qout.is_some() { "1" } else { "0" }),
     ];
-    // Workgroup width: each invocation's share of a weight row should be
-    // about one Q4_0 block's bytes (18), the nearest power of two in log
-    // scale, and every invocation must get a piece of each row. Measured
-    // on the H200 (8B shapes, decode tok/s): Q4_0 at K=4096 (2304-byte
-    // rows) 274 -> 290 from 256 invocations (9 B each) to 128 (18 B), 64
-    // slower again; Q4_0 at K=3584: 128 (15.75 B) beats 64 (31.5 B) by 6%;
-    // Q8_0 at K=3584: 256 (14.9 B) beats 128 (29.8 B) by 3%; Q4_K at K=4096
-    // with 256 left half the invocations without a piece (172 -> 197 with
-    // 128); at K=14336 128 and 256 are the same.
-    // Output rows of the group (a pair's count once: its rows go together).
-    let n_rows: usize = if pair { &ws[..1] } else { &ws[..] }
-        .iter()
-        .map(|&w| g.weights[w].dims[1..].iter().product::<usize>())
-        .sum();
     if int8 {
-        let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
-        let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
-        // Re-laid weights (Q4_0X, Q6_KX): each piece aligned vectors (see
-        // aligned_workgroup).
-        let relaid = dts
-            .iter()
-            .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
-        let wg = if relaid {
-            aligned_workgroup(n_rows)
-        } else {
-            int8_workgroup(row, k, piece)
-        };
-        // Q6_K pieces are the heaviest to decode (three words and two
-        // scale words a row): two rows a workgroup instead of four. H200,
-        // Llama-3-8B Q4_K_M: its Q6_K down projections 674 -> 554 µs a
-        // step; a QKV with a Q6_K V the same (271 -> 274); Q4_0 and Q4_K
-        // rows gain nothing from it (Q4_K down 392 -> 412). Re-laid (Q6_KX)
-        // a Q6_K matmul of its own is lighter and runs four (down 517 ->
-        // 487 µs a step), but a QKV with a Q6_KX V still gains from two
-        // (306 -> 281 µs).
-        let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
-        let rows = if dts.iter().any(q6) { 2 } else { 4 };
-        if rows == 2 || qout.is_some() {
-            fixed.push(("ROWS", if rows == 2 { "2" } else { "4" }));
+        if rows8 == 2 || qout.is_some() {
+            fixed.push(("ROWS", rows_knob.as_str()));
         }
-        // With QOUT workgroups own whole 32-row blocks: 32 / ROWS teams,
-        // each as wide as a workgroup of its rows would be.
-        wg_knob = match qout {
-            Some(_) => qout_workgroup(wg, rows, pair, &b.caps),
-            None => wg,
-        }
-        .to_string();
         fixed.push(("WG", wg_knob.as_str()));
     } else if n_rows.div_ceil(4) >= WIDE_OUTPUT_WORKGROUPS {
         // f32 input over very many workgroups (an output projection over a
@@ -304,7 +292,12 @@ pub(crate) fn plan_matvec(
         // 16-byte loads where rows are whole vec4s (every quantized K); or
         // quantized, after the first output.
         let x4 = xs == 0 && m.merge.is_none() && k.is_multiple_of(4);
-        let mut x_fns = if int8 {
+        let mut x_fns = if merge_staged {
+            // The attention's output buffer (partials after the row); the
+            // prologue makes the int8 row in workgroup memory.
+            bd.add("x", false, vb(start));
+            String::from("fn xq_in(i: u32) -> u32 {\n    return xqs[i];\n}\n")
+        } else if int8 {
             // After the producer's output row, or after this group's own
             // output (where quantize_rows put it).
             bd.add_as(
@@ -357,10 +350,12 @@ pub(crate) fn plan_matvec(
             );
         }
         let mut pro = String::from("fn prologue(m: u32, g: u32) {\n");
-        if int8 {
+        if let Some(mg) = m.merge.as_ref().filter(|_| merge_staged || !int8) {
+            let (defs, body) = merge_prologue(g, mg, k, int8)?;
+            x_fns += &defs;
+            pro += &body;
+        } else if int8 {
             // quantize_rows did the norm or merge.
-        } else if let Some(mg) = &m.merge {
-            pro += &merge_prologue(g, mg, k)?;
         } else if xs > 0 {
             pro += "    let xo = m * p.k;\n";
             pro +=
@@ -526,6 +521,79 @@ pub(crate) fn plan_matvec(
     Ok(())
 }
 
+/// The workgroup width and rows a workgroup of an int8-input matmul group
+/// (weights `ws` of layouts `dts`, `n_rows` output rows of `k`), with
+/// `stage` elements of int8 row staged in workgroup memory (0: none).
+///
+/// Width: each invocation's share of a weight row should be about one
+/// Q4_0 block's bytes (18), the nearest power of two in log scale, and
+/// every invocation must get a piece of each row. Measured on the H200
+/// (8B shapes, decode tok/s): Q4_0 at K=4096 (2304-byte rows) 274 -> 290
+/// from 256 invocations (9 B each) to 128 (18 B), 64 slower again; Q4_0 at
+/// K=3584: 128 (15.75 B) beats 64 (31.5 B) by 6%; Q8_0 at K=3584: 256
+/// (14.9 B) beats 128 (29.8 B) by 3%; Q4_K at K=4096 with 256 left half
+/// the invocations without a piece (172 -> 197 with 128); at K=14336 128
+/// and 256 are the same. With QOUT workgroups own whole 32-row blocks:
+/// 32 / ROWS teams, each as wide as a workgroup of its rows would be.
+#[allow(clippy::too_many_arguments)]
+fn int8_shape(
+    b: &Builder,
+    ws: &[usize],
+    dts: &[String],
+    weights: &[WeightPlan],
+    n_rows: usize,
+    k: usize,
+    pair: bool,
+    qout: bool,
+    stage: usize,
+) -> (u32, usize) {
+    let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
+    let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
+    // Re-laid weights (Q4_0X, Q6_KX): each piece aligned vectors (see
+    // aligned_workgroup).
+    let relaid = dts
+        .iter()
+        .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
+    let wg = if relaid {
+        aligned_workgroup(n_rows)
+    } else {
+        int8_workgroup(row, k, piece)
+    };
+    // Q6_K pieces are the heaviest to decode (three words and two scale
+    // words a row): two rows a workgroup instead of four. H200, Llama-3-8B
+    // Q4_K_M: its Q6_K down projections 674 -> 554 µs a step; a QKV with a
+    // Q6_K V the same (271 -> 274); Q4_0 and Q4_K rows gain nothing from
+    // it (Q4_K down 392 -> 412). Re-laid (Q6_KX) a Q6_K matmul of its own
+    // is lighter and runs four (down 517 -> 487 µs a step), but a QKV with
+    // a Q6_KX V still gains from two (306 -> 281 µs).
+    let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
+    let rows = if dts.iter().any(q6) { 2 } else { 4 };
+    let staged_words = (stage / 4 + stage / 32) as u32;
+    if !qout {
+        return (wg, rows);
+    }
+    let (team, rows) = balanced_team(k / piece, wg, rows);
+    (
+        qout_workgroup(team, rows, pair, staged_words, &b.caps),
+        rows,
+    )
+}
+
+/// A QOUT team of `team` invocations with `rows` rows takes a row's
+/// `pieces` in turn: where they do not divide evenly among its invocations,
+/// a team half as wide with half the rows (the workgroup as wide) may share
+/// them better. H100, Llama-3-8B Q4_0 down (K = 14336: 448 pieces, 3.5 an
+/// invocation at 128 wide): 875-887 -> 845-856 µs a step at 64 wide with
+/// two rows (docs/PERF.md, stop 17).
+fn balanced_team(pieces: usize, team: u32, rows: usize) -> (u32, usize) {
+    let spread = |team: u32| pieces.div_ceil(team as usize) * team as usize;
+    if rows >= 2 && team >= 64 && spread(team / 2) < spread(team) {
+        (team / 2, rows / 2)
+    } else {
+        (team, rows)
+    }
+}
+
 /// Workgroup width of an int8 matmul over re-laid weights (Q4_0X, Q6_KX:
 /// each piece aligned vector loads) with `rows` output rows, counted at
 /// ROWS = 4 a workgroup (a group with a Q6_K sibling runs two rows a
@@ -548,15 +616,22 @@ fn aligned_workgroup(rows: usize) -> u32 {
     }
 }
 
-/// The workgroup size of a QOUT matmul (matmul_vec.wgsl): 32 / `rows`
-/// teams of `team` invocations, halved (down to 8 a team) while the
+/// The workgroup size of a QOUT matmul (matmul_vec.wgsl; `staged_words`
+/// of int8 row in workgroup memory): 32 / `rows` teams of `team`
+/// invocations, halved (down to 8 a team) while the
 /// adapter's invocation or workgroup-memory limit is exceeded.
-fn qout_workgroup(team: u32, rows: usize, pair: bool, caps: &crate::codegen::Caps) -> u32 {
+fn qout_workgroup(
+    team: u32,
+    rows: usize,
+    pair: bool,
+    staged_words: u32,
+    caps: &crate::codegen::Caps,
+) -> u32 {
     let teams = 32 / rows as u32;
     let mut wg = team * teams;
     // matmul_vec's wg_storage: partial sums for every invocation's rows,
-    // the reduction slots and the block.
-    let bytes = |wg: u32| (wg * rows as u32 * (1 + pair as u32) + wg + 32) * 4;
+    // the reduction slots, the block and a staged int8 row.
+    let bytes = |wg: u32| (wg * rows as u32 * (1 + pair as u32) + wg + 32 + staged_words) * 4;
     while wg > 8 * teams && (wg > caps.max_invocations.min(1024) || bytes(wg) > caps.max_wg_storage)
     {
         wg /= 2;
@@ -883,45 +958,53 @@ fn op_name(op: &BoundOp) -> String {
     s.split([' ', '{', '(']).next().unwrap_or("").to_string()
 }
 
-/// Prologue body staging the merge of a split attention's partials (the
-/// attention node `attn`; rows of `k` = H · Dv elements): row m's partials
-/// [H, S, Dv + 2] sit after the M × K output in `x`.
-fn merge_prologue(g: &BoundGraph, mg: &Merge, k: usize) -> Result<String> {
+/// The merge of a split attention's partials in a matmul prologue (the
+/// attention node `mg.attn`; rows of `k` = H · Dv elements; row m's
+/// partials [H, S, Dv + 2] sit after the M × K output in `x`): the module
+/// definitions (kernels/lib/merge.wgsl and what it needs) and the prologue
+/// body, which stages the merged row in `xs`, or with `int8` quantizes it
+/// into `xqs` a word an invocation (matmul_vec's xq_stage; Dv % 4 == 0).
+fn merge_prologue(g: &BoundGraph, mg: &Merge, k: usize, int8: bool) -> Result<(String, String)> {
     let n = &g.nodes[mg.attn];
     let (h, _) = heads(&g.values[n.inputs[0]].shape);
     let dv = k / h.max(1);
-    if dv * h != k {
+    if dv * h != k || (int8 && !dv.is_multiple_of(4)) {
         return Err(Error::Gpu(format!(
-            "internal: attention output rows of {k} are not {h} heads"
+            "internal: attention output rows of {k} are not {h} heads{}",
+            if int8 { " of whole vec4s" } else { "" }
         )));
     }
     let s = mg.splits;
     let row = dv + 2;
-    Ok(format!(
-        "    // merge of {s} split-attention partials per head ({h} heads x {dv})
-    let pb = p.m * p.k + m * {hsr}u;
-    for (var e = lid_; e < p.k; e += WG) {{
+    let defs = format!(
+        "\nconst MERGE_S: u32 = {s}u;\n\nfn part_ld(i: u32) -> f32 {{\n    return x[i];\n}}\n\n#include merge.wgsl\n"
+    );
+    let head = format!(
+        "    // merge of {s} split-attention partials per head ({h} heads x {dv})\n    let pb = p.m * p.k + m * {hsr}u;\n",
+        hsr = h * s * row,
+    );
+    let sr = s * row;
+    let body = if int8 {
+        format!(
+            "{head}    for (var w0 = 0u; w0 < p.k / 4u; w0 += WG) {{
+        let e = 4u * min(w0 + lid_, p.k / 4u - 1u);
         let hb = pb + (e / {dv}u) * {sr}u;
-        let d = e % {dv}u;
-        var mx = -3.0e38;
-        for (var s = 0u; s < {s}u; s++) {{
-            mx = max(mx, x[hb + s * {row}u]);
-        }}
-        var num = 0.0;
-        var den = 0.0;
-        for (var s = 0u; s < {s}u; s++) {{
-            let r = hb + s * {row}u;
-            let w = exp(x[r] - mx);
-            den += w * x[r + 1u];
-            num += w * x[r + 2u + d];
-        }}
-        xs_st(e, num / den);
+        xq_stage(w0 + lid_, merge4(merge_weights(hb, {row}u), hb, {row}u, e % {dv}u));
     }}
     workgroupBarrier();
-",
-        hsr = h * s * row,
-        sr = s * row,
-    ))
+"
+        )
+    } else {
+        format!(
+            "{head}    for (var e = lid_; e < p.k; e += WG) {{
+        let hb = pb + (e / {dv}u) * {sr}u;
+        xs_st(e, merge1(merge_weights(hb, {row}u), hb, {row}u, e % {dv}u));
+    }}
+    workgroupBarrier();
+"
+        )
+    };
+    Ok((defs, body))
 }
 
 /// `rmsnorm+add+matmul3+silu_mul+add`: what a fused matvec holds.
@@ -1091,7 +1174,21 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{aligned_workgroup, int8_workgroup, qout_workgroup, INT8_DOT_DTYPES};
+    use super::{
+        aligned_workgroup, balanced_team, int8_workgroup, qout_workgroup, INT8_DOT_DTYPES,
+    };
+
+    /// QOUT teams are halved (with half the rows) only where a row's pieces
+    /// then spread more evenly: the 8B down projection's 448, not the
+    /// 128 of a 4096-wide row or Qwen2.5-7B's 592 (as uneven either way).
+    #[test]
+    fn qout_teams_share_pieces_evenly() {
+        assert_eq!(balanced_team(448, 128, 4), (64, 2));
+        assert_eq!(balanced_team(128, 128, 4), (128, 4));
+        assert_eq!(balanced_team(592, 128, 4), (128, 4));
+        assert_eq!(balanced_team(128, 32, 4), (32, 4));
+        assert_eq!(balanced_team(448, 128, 1), (128, 1));
+    }
 
     /// Int8 matmuls over re-laid weights: 32 wide with many workgroups
     /// (the 8B feed-forward, the output projection), 128 with few (QKV,
@@ -1116,17 +1213,17 @@ mod tests {
     #[test]
     fn qout_workgroups_fit_the_adapter() {
         let caps = crate::codegen::Caps::feature_sets(1024, 48 << 10)[3];
-        assert_eq!(qout_workgroup(128, 4, false, &caps), 1024);
-        assert_eq!(qout_workgroup(32, 4, true, &caps), 256);
-        assert_eq!(qout_workgroup(64, 2, false, &caps), 1024);
+        assert_eq!(qout_workgroup(128, 4, false, 0, &caps), 1024);
+        assert_eq!(qout_workgroup(32, 4, true, 0, &caps), 256);
+        assert_eq!(qout_workgroup(64, 2, false, 0, &caps), 1024);
         // 16 teams of 128 are over 1024 invocations.
-        assert_eq!(qout_workgroup(128, 2, false, &caps), 1024);
+        assert_eq!(qout_workgroup(128, 2, false, 0, &caps), 1024);
         let small = crate::codegen::Caps::feature_sets(256, 16 << 10)[3];
-        assert_eq!(qout_workgroup(128, 4, false, &small), 256);
+        assert_eq!(qout_workgroup(128, 4, false, 0, &small), 256);
         // A pair at 256: (256 * 4 * 2 + 256) * 4 = 9 KiB fits 16 KiB.
-        assert_eq!(qout_workgroup(128, 4, true, &small), 256);
+        assert_eq!(qout_workgroup(128, 4, true, 0, &small), 256);
         let tiny = crate::codegen::Caps::feature_sets(1024, 1 << 10)[3];
-        assert_eq!(qout_workgroup(128, 4, true, &tiny), 64);
+        assert_eq!(qout_workgroup(128, 4, true, 0, &tiny), 64);
     }
 
     /// The planner's int8 piece sizes are matvec_rows.wgsl's PIECE: the
