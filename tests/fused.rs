@@ -112,12 +112,15 @@ fn gpu_run(
             k.knobs.get("XQ").is_some_and(|v| v == "1")
                 && k.knobs.get("XS").is_some_and(|v| v != "0")
         });
-        assert!(staged, "{opts:?}: no merge made into a staged int8 row");
         let merged_apart = gpu.plans()[0]
             .kernels
             .iter()
             .any(|k| k.knobs.get("MERGE").is_some_and(|v| v == "1"));
-        assert!(!merged_apart, "{opts:?}: a quantize_rows dispatch merges");
+        assert_eq!(
+            (staged, merged_apart),
+            (!opts.merge_int8_apart, opts.merge_int8_apart),
+            "{opts:?}: (merged in a staged int8 row, by quantize_rows)"
+        );
     }
     // The quantize pass: int8 rows made by the matmuls that produce them.
     let qout = gpu.plans()[0]
@@ -259,6 +262,25 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         assert!(
             e_sep < 1e-3,
             "{arch} {req:?} int8 rows by their producers vs by quantize_rows: relative L2 {e_sep}"
+        );
+        // And the split attention's merge by a quantize_rows dispatch
+        // instead of in the reader's prologue (what narrow readers get).
+        let apart = gpu_run(
+            &ctx,
+            &g,
+            &b,
+            &FuseOptions {
+                merge_int8_apart: true,
+                ..opts.clone()
+            },
+        );
+        let e_apart = worst(&got, &apart);
+        eprintln!(
+            "{arch} {req:?} int8 inputs, merges apart: rel L2 {e_apart:e} to in the prologue"
+        );
+        assert!(
+            e_apart < 1e-3,
+            "{arch} {req:?} merges in the int8 prologue vs by quantize_rows: relative L2 {e_apart}"
         );
         for (what, opts) in configs {
             let got = gpu_run(&ctx, &g, &b, &opts);

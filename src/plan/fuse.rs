@@ -193,6 +193,11 @@ pub struct FuseOptions {
     /// not only where it pays on the measured GPU (re-laid Q4_0 weights,
     /// see src/plan/hooks.rs). Tests set it to exercise every dtype.
     pub quantize_every_dtype: bool,
+    /// Merge a split attention's partials for an int8 reader in a
+    /// quantize_rows dispatch even where the reader's own prologue could
+    /// (the planner keeps the dispatch only for narrow readers). Tests set
+    /// it to exercise that path.
+    pub merge_int8_apart: bool,
 }
 
 impl FuseOptions {
@@ -221,6 +226,7 @@ impl FuseOptions {
             stage_up_to_k: None,
             f32_activations: false,
             quantize_every_dtype: false,
+            merge_int8_apart: false,
         }
     }
 }

@@ -188,8 +188,11 @@ pub(crate) fn plan_matvec(
             stage.filter(|_| staged).unwrap_or(0),
         )
     };
-    let merge_staged =
-        int8 && m.merge.is_some() && stage.is_some() && int8_shape(true).0 as usize >= k / 4;
+    let merge_staged = int8
+        && m.merge.is_some()
+        && !b.merge_int8_apart
+        && stage.is_some()
+        && int8_shape(true).0 as usize >= k / 4;
     let (wg8, rows8) = int8_shape(merge_staged);
     let xs = if merge_staged {
         stage.unwrap_or(0)

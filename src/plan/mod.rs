@@ -337,6 +337,8 @@ pub(crate) struct Builder {
     pub(crate) int8_input_over_k: Option<usize>,
     /// [`FuseOptions::quantize_every_dtype`].
     pub(crate) quantize_every_dtype: bool,
+    /// [`FuseOptions::merge_int8_apart`].
+    pub(crate) merge_int8_apart: bool,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
     pub(crate) extra: Vec<(usize, u64)>,
     templates: BTreeMap<String, Template>,
@@ -502,6 +504,7 @@ pub fn plan_with(
         caps,
         int8_input_over_k: opts.int8_over_k(),
         quantize_every_dtype: opts.quantize_every_dtype,
+        merge_int8_apart: opts.merge_int8_apart,
         extra: Vec::new(),
         templates,
         kernels: Vec::new(),
