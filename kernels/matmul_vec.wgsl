@@ -154,24 +154,13 @@ fn xq_sum(w: u32, d: f32) -> f32 {
 #if XS
 
 // Quantize word w (row elements 4w..4w+4, values v) into xqs, as
-// quantize_rows does: invocations lid & ~7 .. + 8 hold the 8 words of a
-// block (w - lid a multiple of 8). Call in uniform control flow; w past
-// the row is ignored.
+// quantize_rows does (q8.wgsl; w - lid a multiple of 8). Call in uniform
+// control flow; w past the row is ignored.
 fn xq_stage(w: u32, v: vec4<f32>) {
-    let a = abs(v);
-    // The previous call's readers of red are done.
-    workgroupBarrier();
-    red[lid_] = max(max(a.x, a.y), max(a.z, a.w));
-    workgroupBarrier();
-    let b0 = lid_ & ~7u;
-    var amax = red[b0];
-    for (var j = 1u; j < 8u; j++) {
-        amax = max(amax, red[b0 + j]);
-    }
+    let amax = q8_amax(v, lid_);
     if w < p.k / 4u {
-        let inv = select(0.0, 1.0 / amax, amax > 0.0);
-        xqs[w] = pack4x8snorm(v * inv);
-        if lid_ == b0 {
+        xqs[w] = q8_word(v, amax);
+        if lid_ % 8u == 0u {
             xqs[p.k / 4u + w / 8u] = bitcast<u32>(amax / 127.0);
         }
     }
@@ -335,6 +324,9 @@ fn load_word_c(i: u32) -> u32 {
 #endif
 
 #include act.wgsl
+#if XQ || QOUT
+#include q8.wgsl
+#endif
 
 #hook FUSED
 #if DTYPE == 'Q4_0X' || DTYPE == 'Q4_K' || DTYPE == 'Q6_KX'
@@ -601,9 +593,8 @@ fn main(
             amax = max(amax, red[j]);
             ss += red[8u + j];
         }
-        let inv = select(0.0, 1.0 / amax, amax > 0.0);
         let row = p.qo + m * (p.na / 4u + nq);
-        qout_word(row + g * 8u + lid, pack4x8snorm(v * inv));
+        qout_word(row + g * 8u + lid, q8_word(v, amax));
         if lid == 0u {
             qout_word(row + p.na / 4u + g, bitcast<u32>(amax / 127.0));
             qout_word(p.qo + p.m * (p.na / 4u + nq) + m * nq + g, bitcast<u32>(ss));

@@ -24,7 +24,7 @@
 //! knob MERGE: 0 1
 //! knob SPLIT: 1 2 4 8 16 32
 //! require: (NORM == 0 || MERGE == 0) && ((MERGE == 0 && SPLIT == 1) || (MERGE == 1 && SPLIT > 1))
-//! wg_storage: WG * 4 * 2
+//! wg_storage: WG * 4
 struct Params {
     m: u32,
     k: u32,
@@ -58,7 +58,8 @@ fn part_ld(i: u32) -> f32 {
 #endif
 
 var<workgroup> red: array<f32, WG>;
-var<workgroup> wmax: array<f32, WG>;
+
+#include q8.wgsl
 
 @compute @workgroup_size({{WG}})
 fn main(
@@ -109,21 +110,13 @@ fn main(
     }
     scale = inverseSqrt(red[0] / f32(p.k) + p.eps);
 #endif
-    let a = abs(v);
-    wmax[lid] = max(max(a.x, a.y), max(a.z, a.w));
-    workgroupBarrier();
-    let b0 = lid & ~7u;
-    var amax = wmax[b0];
-    for (var j = 1u; j < 8u; j++) {
-        amax = max(amax, wmax[b0 + j]);
-    }
+    let amax = q8_amax(v, lid);
     if word >= n4 {
         return;
     }
-    let inv = select(0.0, 1.0 / amax, amax > 0.0);
     let row = p.qo + m * (n4 + p.k / 32u);
-    q[row + word] = pack4x8snorm(v * inv);
-    if lid == b0 {
+    q[row + word] = q8_word(v, amax);
+    if lid % 8u == 0u {
         q[row + n4 + word / 8u] = bitcast<u32>(amax / 127.0 * scale);
     }
 }

@@ -246,6 +246,7 @@ pub const LIBS: &[(&str, &str)] = &[
     ),
     ("act.wgsl", include_str!("../../kernels/lib/act.wgsl")),
     ("merge.wgsl", include_str!("../../kernels/lib/merge.wgsl")),
+    ("q8.wgsl", include_str!("../../kernels/lib/q8.wgsl")),
     (
         "rope_angle.wgsl",
         include_str!("../../kernels/lib/rope_angle.wgsl"),
