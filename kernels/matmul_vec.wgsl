@@ -17,7 +17,9 @@
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
 //!   x_in(i), x_in4(i): the input element i, elements i..i+4 (XS == 0;
 //!     x_in4 only at i % 4 == 0); with XQ=1 instead xq_in(i): word i of
-//!     the quantized input;
+//!     the quantized input, and with XS > 0 also xq_src4(m, e): row m's
+//!     elements e..e+4 before quantization (the prologue calls
+//!     xq_stage_row(m), which quantizes them into `xqs`);
 //!   with NORM=1 (an RMSNorm folded in as a scale, XS == 0): x_w4(e) the
 //!     norm weight of row elements e..e+4 and NORM_EPS its epsilon; the
 //!     input is read as x_in times x_w, and every dot product is scaled by
@@ -54,8 +56,8 @@
 //! + K/32) + m K/32) instead of summing x² itself.
 //! XQ=1 with XS > 0 (K <= XS, NORM=0): the prologue makes the int8 row in
 //! workgroup memory instead (`xqs`, the same layout, from word 0), each
-//! invocation quantizing a word at a time through xq_stage(w, v); xq_in
-//! reads `xqs`. The default hook quantizes the f32 input row x; a fused
+//! invocation quantizing a word at a time (xq_stage_row); xq_in reads
+//! `xqs`. The default hook's xq_src4 reads the f32 input row x; a fused
 //! one makes the row as it goes (a split attention's merge), so no
 //! quantize_rows dispatch runs before the matmul.
 //! knob DTYPE: F32 F16 BF16 Q4_0 Q4_0X Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K Q6_KX IQ4_NL
@@ -153,17 +155,22 @@ fn xq_sum(w: u32, d: f32) -> f32 {
 }
 #if XS
 
-// Quantize word w (row elements 4w..4w+4, values v) into xqs, as
-// quantize_rows does (q8.wgsl; w - lid a multiple of 8). Call in uniform
-// control flow; w past the row is ignored.
-fn xq_stage(w: u32, v: vec4<f32>) {
-    let amax = q8_amax(v, lid_);
-    if w < p.k / 4u {
-        xqs[w] = q8_word(v, amax);
-        if lid_ % 8u == 0u {
-            xqs[p.k / 4u + w / 8u] = bitcast<u32>(amax / 127.0);
+// Quantize row m (xq_src4, the hook's) into xqs as quantize_rows does
+// (q8.wgsl), a word an invocation. Call in uniform control flow.
+fn xq_stage_row(m: u32) {
+    let n4 = p.k / 4u;
+    for (var w0 = 0u; w0 < n4; w0 += WG) {
+        let w = w0 + lid_;
+        let v = xq_src4(m, 4u * min(w, n4 - 1u));
+        let amax = q8_amax(v, lid_);
+        if w < n4 {
+            xqs[w] = q8_word(v, amax);
+            if lid_ % 8u == 0u {
+                xqs[n4 + w / 8u] = bitcast<u32>(amax / 127.0);
+            }
         }
     }
+    workgroupBarrier();
 }
 #endif
 
@@ -375,6 +382,13 @@ fn xq_in(i: u32) -> u32 {
     return x[i];
 #endif
 }
+#if XS
+
+fn xq_src4(m: u32, e: u32) -> vec4<f32> {
+    let i = m * p.k + e;
+    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+}
+#endif
 #else
 fn x_in(i: u32) -> f32 {
     return x[i];
@@ -393,11 +407,7 @@ const NORM_EPS: f32 = 1e-6;
 
 fn prologue(m: u32, g: u32) {
 #if XS && XQ
-    for (var w0 = 0u; w0 < p.k / 4u; w0 += WG) {
-        let e = m * p.k + 4u * min(w0 + lid_, p.k / 4u - 1u);
-        xq_stage(w0 + lid_, vec4<f32>(x[e], x[e + 1u], x[e + 2u], x[e + 3u]));
-    }
-    workgroupBarrier();
+    xq_stage_row(m);
 #elif XS
     for (var e = lid_; e < p.k; e += WG) {
         xs_st(e, x[m * p.k + e]);

@@ -571,11 +571,11 @@ fn int8_shape(
     // a Q6_KX V still gains from two (306 -> 281 µs).
     let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
     let rows = if dts.iter().any(q6) { 2 } else { 4 };
-    let staged_words = (stage / 4 + stage / 32) as u32;
     if !qout {
         return (wg, rows);
     }
     let (team, rows) = balanced_team(k / piece, wg, rows);
+    let staged_words = (stage / 4 + stage / 32) as u32;
     (
         qout_workgroup(team, rows, pair, staged_words, &b.caps),
         rows,
@@ -965,8 +965,9 @@ fn op_name(op: &BoundOp) -> String {
 /// attention node `mg.attn`; rows of `k` = H · Dv elements; row m's
 /// partials [H, S, Dv + 2] sit after the M × K output in `x`): the module
 /// definitions (kernels/lib/merge.wgsl and what it needs) and the prologue
-/// body, which stages the merged row in `xs`, or with `int8` quantizes it
-/// into `xqs` a word an invocation (matmul_vec's xq_stage; Dv % 4 == 0).
+/// body, which stages the merged row in `xs`; with `int8` the definitions
+/// give matmul_vec's xq_src4 the merged elements, and the body has
+/// xq_stage_row quantize them into `xqs` (Dv % 4 == 0).
 fn merge_prologue(g: &BoundGraph, mg: &Merge, k: usize, int8: bool) -> Result<(String, String)> {
     let n = &g.nodes[mg.attn];
     let (h, _) = heads(&g.values[n.inputs[0]].shape);
@@ -987,26 +988,21 @@ fn merge_prologue(g: &BoundGraph, mg: &Merge, k: usize, int8: bool) -> Result<(S
         hsr = h * s * row,
     );
     let sr = s * row;
-    let body = if int8 {
-        format!(
-            "{head}    for (var w0 = 0u; w0 < p.k / 4u; w0 += WG) {{
-        let e = 4u * min(w0 + lid_, p.k / 4u - 1u);
-        let hb = pb + (e / {dv}u) * {sr}u;
-        xq_stage(w0 + lid_, merge4(merge_weights(hb, {row}u), hb, {row}u, e % {dv}u));
-    }}
-    workgroupBarrier();
-"
-        )
-    } else {
-        format!(
-            "{head}    for (var e = lid_; e < p.k; e += WG) {{
+    if int8 {
+        // The template's xq_stage_row quantizes the merged elements.
+        let defs = format!(
+            "{defs}\nfn xq_src4(m: u32, e: u32) -> vec4<f32> {{\n{head}    let hb = pb + (e / {dv}u) * {sr}u;\n    return merge4(merge_weights(hb, {row}u), hb, {row}u, e % {dv}u);\n}}\n"
+        );
+        return Ok((defs, "    xq_stage_row(m);\n".into()));
+    }
+    let body = format!(
+        "{head}    for (var e = lid_; e < p.k; e += WG) {{
         let hb = pb + (e / {dv}u) * {sr}u;
         xs_st(e, merge1(merge_weights(hb, {row}u), hb, {row}u, e % {dv}u));
     }}
     workgroupBarrier();
 "
-        )
-    };
+    );
     Ok((defs, body))
 }
 
