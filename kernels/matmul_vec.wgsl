@@ -17,7 +17,9 @@
 //!     fused norms and adds; workgroup g == 0 writes fused side outputs);
 //!   x_in(i), x_in4(i): the input element i, elements i..i+4 (XS == 0;
 //!     x_in4 only at i % 4 == 0); with XQ=1 instead xq_in(i): word i of
-//!     the quantized input, and with XS > 0 also xq_src4(m, e): row m's
+//!     the quantized input, xq_in4(i): words i..i+4 (i % 4 == 0; the
+//!     kernel reads a row's words four at a time where the row starts on
+//!     a multiple of four), and with XS > 0 also xq_src4(m, e): row m's
 //!     elements e..e+4 before quantization (the prologue calls
 //!     xq_stage_row(m), which quantizes them into `xqs`);
 //!   with NORM=1 (an RMSNorm folded in as a scale, XS == 0): x_w4(e) the
@@ -110,8 +112,9 @@ const TW: u32 = WG / TEAMS;
 var<workgroup> partial: array<f32, WG * ROWS * NACC>;
 var<workgroup> red: array<f32, WG>;
 #if XS && XQ
-// The staged int8 row: K/4 words of q, then K/32 block scales.
-var<workgroup> xqs: array<u32, {{XS}} / 4 + {{XS}} / 32>;
+// The staged int8 row: K/4 words of q, then K/32 block scales (as vec4s:
+// xq_in4 reads four words at once).
+var<workgroup> xqs: array<vec4<u32>, ({{XS}} / 4 + {{XS}} / 32) / 4>;
 #elif XS
 // The staged input row, as vec4 so that x8's reads are two 16-byte loads
 // (scalar reads at a stride of 8 floats would conflict on 8-way banks).
@@ -145,6 +148,17 @@ fn xq_word(e: u32) -> u32 {
     return xq_in(xqo_ + (e >> 2u));
 }
 
+// The four words of q holding elements e..e+16 (e % 16 == 0): one 16-byte
+// load where the row starts on one (a lane's scalar loads would each touch
+// a new 32-byte sector: a piece's words are eight apart across lanes).
+fn xq_word4(e: u32) -> vec4<u32> {
+    let i = xqo_ + (e >> 2u);
+    if (xqo_ & 3u) == 0u {
+        return xq_in4(i);
+    }
+    return vec4<u32>(xq_in(i), xq_in(i + 1u), xq_in(i + 2u), xq_in(i + 3u));
+}
+
 fn xq_d(e: u32) -> f32 {
     return bitcast<f32>(xq_in(xqo_ + p.k / 4u + (e >> 5u)));
 }
@@ -164,9 +178,10 @@ fn xq_stage_row(m: u32) {
         let v = xq_src4(m, 4u * min(w, n4 - 1u));
         let amax = q8_amax(v, lid_);
         if w < n4 {
-            xqs[w] = q8_word(v, amax);
+            xqs[w >> 2u][w & 3u] = q8_word(v, amax);
             if lid_ % 8u == 0u {
-                xqs[n4 + w / 8u] = bitcast<u32>(amax / 127.0);
+                let s = n4 + w / 8u;
+                xqs[s >> 2u][s & 3u] = bitcast<u32>(amax / 127.0);
             }
         }
     }
@@ -356,7 +371,7 @@ fn load_word_c(i: u32) -> u32 {
 #endif
 #endif
 #if XQ && XS == 0
-@group(0) @binding(3) var<storage, read> x: array<u32>;
+@group(0) @binding(3) var<storage, read> x: array<vec4<u32>>;
 #else
 @group(0) @binding(3) var<storage, read> x: array<f32>;
 #endif
@@ -377,9 +392,17 @@ fn qout_word(i: u32, v: u32) {
 #if XQ
 fn xq_in(i: u32) -> u32 {
 #if XS
-    return xqs[i];
+    return xqs[i >> 2u][i & 3u];
 #else
-    return x[i];
+    return x[i >> 2u][i & 3u];
+#endif
+}
+
+fn xq_in4(i: u32) -> vec4<u32> {
+#if XS
+    return xqs[i >> 2u];
+#else
+    return x[i >> 2u];
 #endif
 }
 #if XS

@@ -307,6 +307,8 @@ fn check_matmul(
             x.chunks(32)
                 .map(|b| b.iter().map(|v| v * v).sum::<f32>().to_bits()),
         );
+        // The kernel reads the words as vec4s.
+        words.resize(words.len().div_ceil(4) * 4, 0);
         kernel::storage(ctx, "x", bytemuck::cast_slice(&words))
     } else {
         kernel::storage(ctx, "x", bytemuck::cast_slice(&x))

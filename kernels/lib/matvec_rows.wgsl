@@ -171,8 +171,8 @@ fn dot_nibbles(w0: u32, w1: u32, q: vec4<u32>) -> i32 {
 // block: words q (e0..) and r (e1..), the blocks' scales d.xy and
 // d · Σ q of each run in s.xy.
 fn xq_runs(e0: u32, e1: u32) -> XP {
-    let q = vec4<u32>(xq_word(e0), xq_word(e0 + 4u), xq_word(e0 + 8u), xq_word(e0 + 12u));
-    let r = vec4<u32>(xq_word(e1), xq_word(e1 + 4u), xq_word(e1 + 8u), xq_word(e1 + 12u));
+    let q = xq_word4(e0);
+    let r = xq_word4(e1);
     let d = vec2<f32>(xq_d(e0), xq_d(e1));
     let s = vec2<f32>(
         xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
@@ -219,8 +219,8 @@ const PIECE: u32 = 32u;
 
 fn xq_piece(pi: u32) -> XP {
     let e = pi * 32u;
-    let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 8u), xq_word(e + 12u));
-    let r = vec4<u32>(xq_word(e + 16u), xq_word(e + 20u), xq_word(e + 24u), xq_word(e + 28u));
+    let q = xq_word4(e);
+    let r = xq_word4(e + 16u);
     let d = xq_d(e);
     let one = 0x01010101u;
     let n = ((dot4I8Packed(q.x, one) + dot4I8Packed(q.y, one)) + (dot4I8Packed(q.z, one) + dot4I8Packed(q.w, one)))

@@ -702,7 +702,10 @@ impl<'b> Bufs<'b> {
                 .arenas
                 .get(*a)
                 .ok_or_else(|| Error::Gpu(format!("no arena {a}")))?;
-            return Ok((arena, *off, Some(*size)));
+            // Whole 16-byte units, so that a value read as vec4s (an int8
+            // row's words) reaches its last word: every value's slot in the
+            // arena is a multiple of the offset alignment (src/alloc).
+            return Ok((arena, *off, Some(size.div_ceil(16) * 16)));
         }
         Ok((
             resolve(b, self.weights, self.k, self.v, self.dummy)?,

@@ -299,7 +299,7 @@ pub(crate) fn plan_matvec(
             // The attention's output buffer (partials after the row); the
             // prologue makes the int8 row in workgroup memory.
             bd.add("x", false, vb(start));
-            String::from("fn xq_in(i: u32) -> u32 {\n    return xqs[i];\n}\n")
+            String::from("fn xq_in(i: u32) -> u32 {\n    return xqs[i >> 2u][i & 3u];\n}\n\nfn xq_in4(i: u32) -> vec4<u32> {\n    return xqs[i >> 2u];\n}\n")
         } else if int8 {
             // After the producer's output row, or after this group's own
             // output (where quantize_rows put it).
@@ -307,9 +307,9 @@ pub(crate) fn plan_matvec(
                 "x",
                 false,
                 vb(if prequant.is_some() { start } else { outs[0] }),
-                "u32",
+                "vec4<u32>",
             );
-            let mut f = String::from("fn xq_in(i: u32) -> u32 {\n    return x[i];\n}\n");
+            let mut f = String::from("fn xq_in(i: u32) -> u32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn xq_in4(i: u32) -> vec4<u32> {\n    return x[i >> 2u];\n}\n");
             if prequant.is_some() && m.scaled {
                 let Some(BoundOp::RmsNorm { eps, .. }) =
                     m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
