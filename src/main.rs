@@ -123,8 +123,18 @@ enum Cmd {
         /// name the first tensor whose values differ beyond tolerance.
         #[arg(long, value_name = "N")]
         verify_replay: Option<usize>,
+        /// Token ids, comma-separated, as the prompt of --verify-replay
+        /// (needs no vocabulary: a `kiln synth` model has none).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            requires = "verify_replay",
+            conflicts_with = "prompt"
+        )]
+        tokens: Option<Vec<u32>>,
         /// The prompt.
-        prompt: String,
+        #[arg(required_unless_present = "tokens")]
+        prompt: Option<String>,
     },
     /// Print the top logits at every prompt position (JSON as in the reference fixtures).
     Eval {
@@ -295,25 +305,44 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             verify_replay,
+            tokens,
             prompt,
         } => {
-            let model = load(&m)?;
-            let ids = model.tokenizer.encode(&prompt)?;
             if let Some(steps) = verify_replay {
+                // Token ids need no vocabulary (a `kiln synth` model has none).
+                let (gguf, bound, ids) = match (tokens, &prompt) {
+                    (Some(t), _) => {
+                        let (gguf, bound) = bind(&m)?;
+                        (gguf, bound, t)
+                    }
+                    (None, Some(text)) => {
+                        let model = load(&m)?;
+                        let ids = model.tokenizer.encode(text)?;
+                        (model.gguf, model.bound, ids)
+                    }
+                    (None, None) => {
+                        return Err(Error::Input("give a prompt or --tokens 1,2,3".into()));
+                    }
+                };
                 let ctx = GpuContext::new(&cli.gpu.options()?)?;
                 let r = kiln::exec::verify::verify_replay(
                     &ctx,
-                    &model.bound,
-                    &model.gguf,
+                    &bound,
+                    &gguf,
                     &ids,
                     steps,
                     &m.fusion()?,
                 )?;
                 return match r.first {
                     None => {
+                        let worst = if r.worst.0 > 0.0 {
+                            format!("worst {:.3e} at '{}'", r.worst.0, r.worst.1)
+                        } else {
+                            "all bitwise equal".to_string()
+                        };
                         println!(
-                            "replay verified: {} decode steps, {} tensors compared, fused equals unfused within {:e} (worst {:.3e} at '{}')",
-                            r.steps, r.compared, r.tol, r.worst.0, r.worst.1
+                            "replay verified: {} decode steps, {} tensors compared, fused equals unfused within {:e} ({worst})",
+                            r.steps, r.compared, r.tol
                         );
                         Ok(())
                     }
@@ -323,6 +352,9 @@ fn run(cli: Cli) -> Result<()> {
                     ))),
                 };
             }
+            let prompt = prompt.ok_or_else(|| Error::Input("give a prompt".into()))?;
+            let model = load(&m)?;
+            let ids = model.tokenizer.encode(&prompt)?;
             let mut sampler = Sampler::new(temp, top_k, top_p, seed);
             let mut stdout = std::io::stdout();
             let model_ref = (&model.gguf, &model.bound);

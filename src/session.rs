@@ -60,7 +60,8 @@ impl Model {
             return Err(Error::Input(format!(
                 "{} has no vocabulary (no tokenizer.ggml.* metadata; `kiln synth` writes none): \
                  commands that read or write text need a converted model; `kiln bench`, \
-                 `kiln plan`, `kiln kernels` and `kiln eval --tokens` run without one",
+                 `kiln plan`, `kiln kernels`, `kiln eval --tokens` and \
+                 `kiln run --tokens --verify-replay` run without one",
                 path.display()
             )));
         }

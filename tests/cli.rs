@@ -123,6 +123,49 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         !out.status.success() && err.contains("no vocabulary") && err.contains("kiln bench"),
         "run on a model without a vocabulary: {err}"
     );
+    // --verify-replay takes token ids instead of a prompt: the fused,
+    // recorded decode equals a fresh unfused plan on the synthetic model.
+    let replay = ok(
+        kiln()
+            .args([
+                "run",
+                "--verify-replay",
+                "4",
+                "--tokens",
+                "1,2,3",
+                "--model",
+            ])
+            .arg(&model),
+        "run --tokens --verify-replay",
+    );
+    assert!(
+        replay.contains("replay verified: 4 decode steps"),
+        "run --verify-replay printed: {replay}"
+    );
+    let compared: usize = replay
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" tensors compared"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(compared >= 4 * 4, "run --verify-replay printed: {replay}");
+    // An id past the vocabulary is named, not a panic.
+    let out = kiln()
+        .args([
+            "run",
+            "--verify-replay",
+            "2",
+            "--tokens",
+            "1,99999999",
+            "--model",
+        ])
+        .arg(&model)
+        .output()
+        .expect("the kiln binary runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("99999999") && err.contains("out of range"),
+        "run --tokens with an id past the vocabulary: {err}"
+    );
     let plan = ok(kiln().args(["plan", "--model"]).arg(&model), "plan");
     assert!(plan.contains("decode plan (T = 1)"), "plan printed: {plan}");
     let kernels = ok(

@@ -302,7 +302,7 @@ pub fn read_f32(ctx: &GpuContext, buf: &wgpu::Buffer, n: usize) -> Result<Vec<f3
 
 /// Relative L2 error ‖a − b‖ / ‖b‖ (NaN anywhere gives infinity).
 pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    if a.len() != b.len() || a.iter().any(|v| !v.is_finite()) {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
