@@ -66,6 +66,15 @@ fn run_defaults_to_gpu_and_matches_the_cpu_oracle() {
     assert!(gpu_err.contains("tok/s"), "stderr: {gpu_err}");
 }
 
+/// The count in `--verify-replay`'s "N tensors compared" (0 if absent).
+fn tensors_compared(stdout: &str) -> usize {
+    stdout
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" tensors compared"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `--verify-replay 16`: the fused, recorded decode of SmolLM2 equals a
 /// fresh unfused plan tensor by tensor over 16 steps.
 #[test]
@@ -85,12 +94,7 @@ fn verify_replay_16_steps() {
         "stdout: {stdout}"
     );
     // Every step compares the stored tensors (not zero of them).
-    let compared: usize = stdout
-        .split(", ")
-        .find_map(|p| p.strip_suffix(" tensors compared"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(compared >= 16 * 30, "stdout: {stdout}");
+    assert!(tensors_compared(&stdout) >= 16 * 30, "stdout: {stdout}");
 }
 
 /// A `kiln synth` model carries no vocabulary; the commands that never see
@@ -107,20 +111,26 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         assert!(out.status.success(), "{what} failed: {err}");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // The stderr of a command that must fail.
+    let fails = |c: &mut Command, what: &str| -> String {
+        let out = c.output().expect("the kiln binary runs");
+        assert!(!out.status.success(), "{what} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
     ok(
         kiln().args(["synth", "--spec", spec, "--out"]).arg(&model),
         "synth",
     );
     // The vocabulary really is missing: run needs it and says so.
-    let out = kiln()
-        .args(["run", "-n", "1", "--model"])
-        .arg(&model)
-        .arg("hi")
-        .output()
-        .expect("the kiln binary runs");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = fails(
+        kiln()
+            .args(["run", "-n", "1", "--model"])
+            .arg(&model)
+            .arg("hi"),
+        "run without a vocabulary",
+    );
     assert!(
-        !out.status.success() && err.contains("no vocabulary") && err.contains("kiln bench"),
+        err.contains("no vocabulary") && err.contains("kiln bench"),
         "run on a model without a vocabulary: {err}"
     );
     // --verify-replay takes token ids instead of a prompt: the fused,
@@ -142,28 +152,26 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         replay.contains("replay verified: 4 decode steps"),
         "run --verify-replay printed: {replay}"
     );
-    let compared: usize = replay
-        .split(", ")
-        .find_map(|p| p.strip_suffix(" tensors compared"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(compared >= 4 * 4, "run --verify-replay printed: {replay}");
-    // An id past the vocabulary is named, not a panic.
-    let out = kiln()
-        .args([
-            "run",
-            "--verify-replay",
-            "2",
-            "--tokens",
-            "1,99999999",
-            "--model",
-        ])
-        .arg(&model)
-        .output()
-        .expect("the kiln binary runs");
-    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && err.contains("99999999") && err.contains("out of range"),
+        tensors_compared(&replay) >= 4 * 4,
+        "run --verify-replay printed: {replay}"
+    );
+    // An id past the vocabulary is named, not a panic.
+    let err = fails(
+        kiln()
+            .args([
+                "run",
+                "--verify-replay",
+                "2",
+                "--tokens",
+                "1,99999999",
+                "--model",
+            ])
+            .arg(&model),
+        "run --tokens with an id past the vocabulary",
+    );
+    assert!(
+        err.contains("99999999") && err.contains("out of range"),
         "run --tokens with an id past the vocabulary: {err}"
     );
     let plan = ok(kiln().args(["plan", "--model"]).arg(&model), "plan");
