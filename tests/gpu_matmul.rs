@@ -299,10 +299,15 @@ fn check_matmul(
     // XQ with XS: the kernel quantizes the f32 row into workgroup memory
     // itself (the reference's values are the same).
     let staged = xs > 0;
+    // Several tokens: the int8 rows start one word into the buffer (p.xqo),
+    // so that rows whose words the kernel reads four at a time also run
+    // its unaligned path.
+    let xqo = usize::from(xq && !staged && s.m > 1);
     let xb = if xq && !staged {
         // The int8 rows, then (for NORM) each row's per-block Σ x², as a
         // producer's QOUT writes them.
-        let mut words = q8_quantize(&x, kk, None);
+        let mut words = vec![0u32; xqo];
+        words.extend(q8_quantize(&x, kk, None));
         words.extend(
             x.chunks(32)
                 .map(|b| b.iter().map(|v| v * v).sum::<f32>().to_bits()),
@@ -317,7 +322,7 @@ fn check_matmul(
     let yb = kernel::poisoned(ctx, "y", ylen);
     let rows_a = s.n - nb - nc;
     let words: Vec<u32> = match family {
-        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, 0, 0]
+        Family::Vec => [s.m, kk, rows_a, nb, nc, s.n_offset, s.ldy, xqo, 0]
             .iter()
             .map(|&v| v as u32)
             .collect(),

@@ -704,7 +704,8 @@ impl<'b> Bufs<'b> {
                 .ok_or_else(|| Error::Gpu(format!("no arena {a}")))?;
             // Whole 16-byte units, so that a value read as vec4s (an int8
             // row's words) reaches its last word: every value's slot in the
-            // arena is a multiple of the offset alignment (src/alloc).
+            // arena is a multiple of the offset alignment (src/alloc; wgpu
+            // reports at least 32 bytes), so this stays inside the slot.
             return Ok((arena, *off, Some(size.div_ceil(16) * 16)));
         }
         Ok((
