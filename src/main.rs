@@ -175,8 +175,17 @@ enum Cmd {
         decode_after: u32,
         /// Replay a recorded stream (`kiln plan --stream-out FILE`) instead
         /// of planning.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tries")]
         stream: Option<PathBuf>,
+        /// Also time the decode with these knob pins (`KILN_KNOBS` syntax,
+        /// e.g. `matmul_vec.WG=64,ROWS=2`; repeatable): each is planned and
+        /// loaded beside the default, and the decode timings of all run
+        /// interleaved, --rounds times, in this one process.
+        #[arg(long = "try", value_name = "PINS")]
+        tries: Vec<String>,
+        /// Interleaved decode timing rounds with --try.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
     },
     /// Write a synthetic model: `--like M.gguf --spec-out S.json` extracts a
     /// model's shape; `--spec S.json --out X.gguf` writes random valid weights
@@ -448,12 +457,15 @@ fn run(cli: Cli) -> Result<()> {
             prefill,
             decode_after,
             stream,
+            tries,
+            rounds,
         } => bench(
             &m,
             &cli.gpu,
             decode,
             [prefill, decode_after as usize],
             stream.as_deref(),
+            (&tries, rounds as usize),
         ),
         Cmd::Plan {
             m,
@@ -637,8 +649,12 @@ fn bench(
     decode: usize,
     [prefill, decode_after]: [usize; 2],
     stream: Option<&Path>,
+    (tries, rounds): (&[String], usize),
 ) -> Result<()> {
     use std::time::Instant;
+    for pins in tries {
+        kiln::plan::check_pins(pins)?;
+    }
     let (gguf, bound) = bind(m)?;
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
@@ -671,16 +687,7 @@ fn bench(
     // Decode: greedy steps after a --decode-after prompt, as `kiln run` decodes
     // (the argmax runs on the GPU, each step reads back one token id and
     // the next step is queued before it is read).
-    b.reset();
-    let mut next = b.forward_greedy(&ids[..decode_after])?;
-    next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
-    b.take_step_times();
-    let t = Instant::now();
-    b.decode_greedy(next, decode, &mut |t| {
-        next = t;
-        Ok(true)
-    })?;
-    let decode_s = t.elapsed().as_secs_f64();
+    let (decode_s, next) = time_decode(&mut b, &ids[..decode_after], decode)?;
     let times = b.take_step_times();
     // The roof once more, with the GPU's clocks up from the timing: one
     // measurement alone came out 10-15% low now and then on the H200. With
@@ -791,20 +798,83 @@ fn bench(
             println!("  {us:8.0} µs  {n:4}x  {rate}  {name}");
         }
     }
-    let m = b.memory();
+    let mem = b.memory();
     println!(
         "GPU memory         {:.1} MB = weights {:.1} + KV cache {:.1} ({} positions) + arena {:.1} (decode {:.3} + prefill {:.1}; naive sum {:.1}, lower bound {:.1})",
-        m.total() as f64 / 1e6,
-        m.weights as f64 / 1e6,
-        m.kv as f64 / 1e6,
+        mem.total() as f64 / 1e6,
+        mem.weights as f64 / 1e6,
+        mem.kv as f64 / 1e6,
         n_ctx,
-        (m.arena[0] + m.arena[1]) as f64 / 1e6,
-        m.arena[0] as f64 / 1e6,
-        m.arena[1] as f64 / 1e6,
-        (m.naive[0] + m.naive[1]) as f64 / 1e6,
-        (m.lower[0] + m.lower[1]) as f64 / 1e6,
+        (mem.arena[0] + mem.arena[1]) as f64 / 1e6,
+        mem.arena[0] as f64 / 1e6,
+        mem.arena[1] as f64 / 1e6,
+        (mem.naive[0] + mem.naive[1]) as f64 / 1e6,
+        (mem.lower[0] + mem.lower[1]) as f64 / 1e6,
     );
+    if tries.is_empty() {
+        return Ok(());
+    }
+    // The variants beside the default, timed in turns so that a drift of
+    // the GPU's clocks reaches all alike.
+    let mut variants = vec![(String::from("(default)"), b)];
+    for pins in tries {
+        let opts = kiln::plan::FuseOptions {
+            knob_pins: Some(pins.clone()),
+            ..m.fusion()?
+        };
+        let v = GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &opts)?;
+        variants.push((pins.clone(), v));
+    }
+    let mut rates = vec![Vec::new(); variants.len()];
+    for _ in 0..rounds {
+        for (v, r) in variants.iter_mut().zip(&mut rates) {
+            let (s, _) = time_decode(&mut v.1, &ids[..decode_after], decode)?;
+            r.push(decode as f64 / s);
+        }
+    }
+    println!(
+        "decode with --try  tok/s in {rounds} interleaved rounds of {decode} steps; best, % of roof, dispatches/step, decode kernel variants not in the default's:"
+    );
+    // A decode plan's kernel variants (template and knobs).
+    let variants_of = |b: &GpuBackend| -> std::collections::BTreeSet<String> {
+        b.plans()[0]
+            .kernels
+            .iter()
+            .map(|k| format!("{}{:?}", k.template, k.knobs))
+            .collect()
+    };
+    let default = variants_of(&variants[0].1);
+    for ((name, v), r) in variants.iter().zip(&rates) {
+        let best = r.iter().cloned().fold(0.0, f64::max);
+        let each: Vec<String> = r.iter().map(|x| format!("{x:.1}")).collect();
+        println!(
+            "  {:<40} {}  best {best:.1}  {:.1}%  {}  {} new",
+            name,
+            each.join(" "),
+            weight_bytes as f64 * best / roof * 100.0,
+            v.plans()[0].dispatches(),
+            variants_of(v).difference(&default).count()
+        );
+    }
     Ok(())
+}
+
+/// Greedy decode of `decode` steps after `prompt` (and one warm-up step of
+/// the decode bucket), as `kiln run` decodes: the argmax runs on the GPU,
+/// each step reads back one token id and the next is queued before it is
+/// read. Returns the seconds the timed steps took and the last token.
+fn time_decode(b: &mut GpuBackend, prompt: &[u32], decode: usize) -> Result<(f64, u32)> {
+    use std::time::Instant;
+    b.reset();
+    let mut next = b.forward_greedy(prompt)?;
+    next = b.forward_greedy(&[next])?; // warm-up of the decode bucket
+    b.take_step_times();
+    let t = Instant::now();
+    b.decode_greedy(next, decode, &mut |t| {
+        next = t;
+        Ok(true)
+    })?;
+    Ok((t.elapsed().as_secs_f64(), next))
 }
 
 fn synth(

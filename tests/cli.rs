@@ -121,12 +121,15 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         kiln().args(["synth", "--spec", spec, "--out"]).arg(&model),
         "synth",
     );
+    // kiln with these arguments, on the synthetic model.
+    let on_model = |args: &[&str]| -> Command {
+        let mut c = kiln();
+        c.args(args).arg("--model").arg(&model);
+        c
+    };
     // The vocabulary really is missing: run needs it and says so.
     let err = fails(
-        kiln()
-            .args(["run", "-n", "1", "--model"])
-            .arg(&model)
-            .arg("hi"),
+        &mut on_model(&["run", "-n", "1", "hi"]),
         "run without a vocabulary",
     );
     assert!(
@@ -136,16 +139,7 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
     // --verify-replay takes token ids instead of a prompt: the fused,
     // recorded decode equals a fresh unfused plan on the synthetic model.
     let replay = ok(
-        kiln()
-            .args([
-                "run",
-                "--verify-replay",
-                "4",
-                "--tokens",
-                "1,2,3",
-                "--model",
-            ])
-            .arg(&model),
+        &mut on_model(&["run", "--verify-replay", "4", "--tokens", "1,2,3"]),
         "run --tokens --verify-replay",
     );
     assert!(
@@ -158,30 +152,62 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
     );
     // An id past the vocabulary is named, not a panic.
     let err = fails(
-        kiln()
-            .args([
-                "run",
-                "--verify-replay",
-                "2",
-                "--tokens",
-                "1,99999999",
-                "--model",
-            ])
-            .arg(&model),
+        &mut on_model(&["run", "--verify-replay", "2", "--tokens", "1,99999999"]),
         "run --tokens with an id past the vocabulary",
     );
     assert!(
         err.contains("99999999") && err.contains("out of range"),
         "run --tokens with an id past the vocabulary: {err}"
     );
-    let plan = ok(kiln().args(["plan", "--model"]).arg(&model), "plan");
+    // bench --try: the default and a knob pin timed in turns, the pin
+    // changing some decode kernels; a pin with an unlisted value is
+    // refused, naming the values.
+    let bench_try = |pin: &str| {
+        on_model(&[
+            "bench",
+            "--decode",
+            "2",
+            "--prefill",
+            "2",
+            "--rounds",
+            "2",
+            "--try",
+            pin,
+        ])
+    };
+    let bench = ok(&mut bench_try("matmul_vec.WG=64"), "bench --try");
+    let row = |name: &str| -> Vec<String> {
+        bench
+            .lines()
+            .find(|l| l.trim_start().starts_with(name))
+            .unwrap_or_else(|| panic!("no '{name}' row in: {bench}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    for name in ["(default)", "matmul_vec.WG=64"] {
+        let r = row(name);
+        // name, two rounds' tok/s, "best", the best...
+        assert!(
+            r.len() > 4 && r[1].parse::<f64>().is_ok_and(|x| x > 0.0) && r[3] == "best",
+            "row {r:?} of: {bench}"
+        );
+    }
+    let new_kernels = |r: Vec<String>| r[r.len() - 2].parse::<usize>().unwrap_or(0);
+    assert_eq!(new_kernels(row("(default)")), 0, "{bench}");
+    assert!(new_kernels(row("matmul_vec.WG=64")) > 0, "{bench}");
+    let err = fails(
+        &mut bench_try("matmul_vec.WG=7"),
+        "bench --try with an unlisted value",
+    );
+    assert!(
+        err.contains("WG=7") && err.contains("takes 32, 64"),
+        "{err}"
+    );
+    let plan = ok(&mut on_model(&["plan"]), "plan");
     assert!(plan.contains("decode plan (T = 1)"), "plan printed: {plan}");
     let kernels = ok(
-        kiln()
-            .args(["kernels", "--model"])
-            .arg(&model)
-            .arg("--out")
-            .arg(dir.join("kernels")),
+        on_model(&["kernels"]).arg("--out").arg(dir.join("kernels")),
         "kernels",
     );
     assert!(
@@ -192,19 +218,16 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
     // match the CPU reference's on the synthetic model.
     let eval = |backend: &str| -> serde_json::Value {
         let text = ok(
-            kiln()
-                .args([
-                    "eval",
-                    "--json",
-                    "--top",
-                    "3",
-                    "--tokens",
-                    "1,2,3,4",
-                    "--backend",
-                    backend,
-                    "--model",
-                ])
-                .arg(&model),
+            &mut on_model(&[
+                "eval",
+                "--json",
+                "--top",
+                "3",
+                "--tokens",
+                "1,2,3,4",
+                "--backend",
+                backend,
+            ]),
             "eval",
         );
         serde_json::from_str(&text).unwrap_or_else(|e| panic!("eval --json printed {text}: {e}"))

@@ -198,6 +198,11 @@ pub struct FuseOptions {
     /// (the planner keeps the dispatch only for narrow readers). Tests set
     /// it to exercise that path.
     pub merge_int8_apart: bool,
+    /// Knob pins in `KILN_KNOBS` syntax (`matmul_vec.WG=64,ROWS=2`; see
+    /// [`crate::plan::choose`]) for this plan alone; None: the
+    /// `KILN_KNOBS` environment variable's. `kiln bench --try` times
+    /// several in one process.
+    pub knob_pins: Option<String>,
 }
 
 impl FuseOptions {
@@ -227,6 +232,7 @@ impl FuseOptions {
             f32_activations: false,
             quantize_every_dtype: false,
             merge_int8_apart: false,
+            knob_pins: None,
         }
     }
 }

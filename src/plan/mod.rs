@@ -266,33 +266,106 @@ impl Plan {
 /// same): `KILN_KNOBS` overrides its choice for them.
 pub const TUNING_KNOBS: [&str; 2] = ["WG", "ROWS"];
 
+/// The pins of a `KILN_KNOBS`-style string: (template, knob, value), the
+/// template None where the pin names none.
+fn parse_pins(pins: &str) -> Result<Vec<(Option<&str>, &str, &str)>> {
+    pins.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|pin| {
+            let (name, value) = pin.split_once('=').ok_or_else(|| {
+                Error::Input(format!(
+                    "knob pin '{pin}' (KILN_KNOBS or --try) is not KNOB=VALUE or TEMPLATE.KNOB=VALUE"
+                ))
+            })?;
+            Ok(match name.split_once('.') {
+                Some((tn, k)) => (Some(tn), k, value),
+                None => (None, name, value),
+            })
+        })
+        .collect()
+}
+
+/// Check knob pins (`KILN_KNOBS` syntax) before planning with them: each
+/// names a knob of some kernel template (of the one it names), with one of
+/// that knob's values; a typo would otherwise pin nothing.
+pub fn check_pins(pins: &str) -> Result<()> {
+    let templates = codegen::templates().map_err(|e| Error::Gpu(e.to_string()))?;
+    for (tn, knob, value) in parse_pins(pins)? {
+        let named: Vec<_> = templates
+            .iter()
+            .filter(|t| tn.is_none_or(|tn| tn == t.name))
+            .collect();
+        if named.is_empty() {
+            return Err(Error::Input(format!(
+                "knob pin {}.{knob}={value}: no kernel template '{}' (see kernels/*.wgsl)",
+                tn.unwrap_or(""),
+                tn.unwrap_or("")
+            )));
+        }
+        let with: Vec<_> = named
+            .iter()
+            .filter_map(|t| t.knobs.iter().find(|k| k.name == knob).map(|k| (t, k)))
+            .collect();
+        if with.is_empty() {
+            return Err(Error::Input(format!(
+                "knob pin {knob}={value}: no knob {knob} in {}",
+                tn.unwrap_or("any kernel template")
+            )));
+        }
+        if !with
+            .iter()
+            .any(|(_, k)| k.values.iter().any(|v| v == value))
+        {
+            let (t, k) = with[0];
+            return Err(Error::Input(format!(
+                "knob pin {knob}={value}: {}.{knob} takes {}",
+                t.name,
+                k.values.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Pick a variant of `t` with the `fixed` knobs that `caps` can run. The
 /// cost model for now: subgroups and f16 when available, and for every other
 /// knob the value listed last in the template (templates list values from
 /// least to most preferred). The autotuner replaces this later.
 ///
-/// `KILN_KNOBS` overrides the choice for experiments and tuning by hand:
-/// comma-separated `KNOB=VALUE` or `TEMPLATE.KNOB=VALUE` pins (e.g.
+/// `pins` (else the `KILN_KNOBS` environment variable) overrides the
+/// choice for experiments and tuning by hand: comma-separated `KNOB=VALUE`
+/// or `TEMPLATE.KNOB=VALUE` pins (e.g.
 /// `matmul_vec.WG=64,matmul_vec.ROWS=2`), applied to every template that
 /// has the knob and where the planner did not pin it itself, or pinned it
 /// only as a speed choice ([`TUNING_KNOBS`]).
-pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
+pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps, pins: Option<&str>) -> Result<Knobs> {
     let mut fixed = fixed.clone();
-    if let Ok(pins) = std::env::var("KILN_KNOBS") {
-        for pin in pins.split(',').filter(|p| !p.trim().is_empty()) {
-            let (name, value) = pin.trim().split_once('=').ok_or_else(|| {
-                Error::Gpu(format!(
-                    "KILN_KNOBS: '{pin}' is not KNOB=VALUE or TEMPLATE.KNOB=VALUE"
-                ))
-            })?;
-            let knob = match name.split_once('.') {
-                Some((tn, k)) if tn == t.name => k,
-                Some(_) => continue,
-                None => name,
+    let pins = pins
+        .map(str::to_string)
+        .or_else(|| std::env::var("KILN_KNOBS").ok());
+    let pinned = pins.is_some();
+    if let Some(pins) = pins {
+        for (tn, knob, value) in parse_pins(&pins)? {
+            if tn.is_some_and(|tn| tn != t.name) {
+                continue;
+            }
+            let Some(k) = t.knobs.iter().find(|k| k.name == knob) else {
+                continue;
             };
-            if t.knobs.iter().any(|k| k.name == knob)
-                && (!fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob))
-            {
+            if !k.values.iter().any(|v| v == value) {
+                // (A pin naming no template applies where the value is one
+                // of the knob's; check_pins makes sure some template has it.)
+                if tn.is_none() {
+                    continue;
+                }
+                return Err(Error::Input(format!(
+                    "knob pin {knob}={value} (KILN_KNOBS or --try): {}.{knob} takes {}",
+                    t.name,
+                    k.values.join(", ")
+                )));
+            }
+            if !fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob) {
                 fixed.insert(knob.to_string(), value.to_string());
             }
         }
@@ -321,8 +394,8 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps) -> Result<Knobs> {
                 "template {} has no variant with {} that this adapter can run{}",
                 t.name,
                 codegen::knobs_str(fixed),
-                if std::env::var("KILN_KNOBS").is_ok() {
-                    " (check KILN_KNOBS)"
+                if pinned {
+                    " (check the knob pins: KILN_KNOBS or --try)"
                 } else {
                     ""
                 }
@@ -339,6 +412,8 @@ pub(crate) struct Builder {
     pub(crate) quantize_every_dtype: bool,
     /// [`FuseOptions::merge_int8_apart`].
     pub(crate) merge_int8_apart: bool,
+    /// [`FuseOptions::knob_pins`].
+    knob_pins: Option<String>,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
     pub(crate) extra: Vec<(usize, u64)>,
     templates: BTreeMap<String, Template>,
@@ -363,7 +438,7 @@ impl Builder {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        let knobs = choose(t, &fixed, &self.caps)?;
+        let knobs = choose(t, &fixed, &self.caps, self.knob_pins.as_deref())?;
         let r = KernelRef {
             template: template.into(),
             knobs: knobs.clone(),
@@ -505,6 +580,7 @@ pub fn plan_with(
         int8_input_over_k: opts.int8_over_k(),
         quantize_every_dtype: opts.quantize_every_dtype,
         merge_int8_apart: opts.merge_int8_apart,
+        knob_pins: opts.knob_pins.clone(),
         extra: Vec::new(),
         templates,
         kernels: Vec::new(),
@@ -1108,4 +1184,33 @@ pub fn write_kernels(
         paths.push(p);
     }
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_pins;
+
+    /// Knob pins are checked against the templates before anything is
+    /// planned: a typo must not pin nothing in silence.
+    #[test]
+    fn knob_pins_are_checked() {
+        for good in [
+            "matmul_vec.WG=64",
+            "WG=128,ROWS=2",
+            " attention.WG=128 , matmul_vec.PAIR=1 ",
+            "",
+        ] {
+            check_pins(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for (bad, says) in [
+            ("foo", "is not KNOB=VALUE"),
+            ("matmul_vec.WGG=64", "no knob WGG in matmul_vec"),
+            ("nosuch.WG=64", "no kernel template 'nosuch'"),
+            ("matmul_vec.WG=7", "matmul_vec.WG takes 32, 64"),
+            ("NOSUCHKNOB=1", "no knob NOSUCHKNOB in any kernel template"),
+        ] {
+            let e = check_pins(bad).expect_err(bad).to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
 }
