@@ -305,6 +305,11 @@ fn with_backend<R>(
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // Knob pins from the environment are checked as --try's are: a typo
+    // would otherwise pin nothing.
+    if let Ok(pins) = std::env::var("KILN_KNOBS") {
+        kiln::plan::check_pins(&pins)?;
+    }
     match cli.cmd {
         Cmd::Run {
             m,
