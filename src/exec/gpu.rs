@@ -319,7 +319,12 @@ impl<'a> GpuBackend<'a> {
         let zeros = |n: usize, label: &str| kernel::storage(ctx, label, &vec![0u8; n * 4]);
         let argmax = {
             let t = crate::codegen::template("argmax").map_err(|e| Error::Gpu(e.to_string()))?;
-            let knobs = plan::choose(&t, &Default::default(), &caps, None)?;
+            let knobs = plan::choose(
+                &t,
+                &Default::default(),
+                &caps,
+                plan::resolve_pins(None)?.as_deref(),
+            )?;
             Kernel::build(ctx, &t, &knobs)?
         };
         created(3);

@@ -299,7 +299,7 @@ pub(crate) fn plan_matvec(
             // The attention's output buffer (partials after the row); the
             // prologue makes the int8 row in workgroup memory.
             bd.add("x", false, vb(start));
-            String::from("fn xq_in(i: u32) -> u32 {\n    return xqs[i >> 2u][i & 3u];\n}\n\nfn xq_in4(i: u32) -> vec4<u32> {\n    return xqs[i >> 2u];\n}\n")
+            xq_fns("xqs")
         } else if int8 {
             // After the producer's output row, or after this group's own
             // output (where quantize_rows put it).
@@ -309,7 +309,7 @@ pub(crate) fn plan_matvec(
                 vb(if prequant.is_some() { start } else { outs[0] }),
                 "vec4<u32>",
             );
-            let mut f = String::from("fn xq_in(i: u32) -> u32 {\n    return x[i >> 2u][i & 3u];\n}\n\nfn xq_in4(i: u32) -> vec4<u32> {\n    return x[i >> 2u];\n}\n");
+            let mut f = xq_fns("x");
             if prequant.is_some() && m.scaled {
                 let Some(BoundOp::RmsNorm { eps, .. }) =
                     m.prologue.first().map(|&(p, _)| &g.nodes[p].op)
@@ -803,6 +803,14 @@ pub(crate) fn plan_producer_quantize(
 fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
     ws.iter()
         .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
+}
+
+/// matmul_vec's int8 input hooks (xq_in: a word, xq_in4: four) over the
+/// array of vec4 words `arr` (the bound row, or the staged `xqs`).
+fn xq_fns(arr: &str) -> String {
+    format!(
+        "fn xq_in(i: u32) -> u32 {{\n    return {arr}[i >> 2u][i & 3u];\n}}\n\nfn xq_in4(i: u32) -> vec4<u32> {{\n    return {arr}[i >> 2u];\n}}\n"
+    )
 }
 
 /// The hook functions of matmul_vec's QOUT for a producer storing into

@@ -328,46 +328,40 @@ pub fn check_pins(pins: &str) -> Result<()> {
     Ok(())
 }
 
+/// The knob pins a plan applies: `explicit` ([`FuseOptions::knob_pins`]),
+/// else the `KILN_KNOBS` environment variable's, checked ([`check_pins`]).
+pub fn resolve_pins(explicit: Option<&str>) -> Result<Option<String>> {
+    let pins = explicit
+        .map(str::to_string)
+        .or_else(|| std::env::var("KILN_KNOBS").ok());
+    if let Some(p) = &pins {
+        check_pins(p)?;
+    }
+    Ok(pins)
+}
+
 /// Pick a variant of `t` with the `fixed` knobs that `caps` can run. The
 /// cost model for now: subgroups and f16 when available, and for every other
 /// knob the value listed last in the template (templates list values from
 /// least to most preferred). The autotuner replaces this later.
 ///
-/// `pins` (else the `KILN_KNOBS` environment variable) overrides the
-/// choice for experiments and tuning by hand: comma-separated `KNOB=VALUE`
-/// or `TEMPLATE.KNOB=VALUE` pins (e.g.
-/// `matmul_vec.WG=64,matmul_vec.ROWS=2`), applied to every template that
-/// has the knob and where the planner did not pin it itself, or pinned it
-/// only as a speed choice ([`TUNING_KNOBS`]).
+/// `pins` (checked knob pins, from [`resolve_pins`]) override the choice
+/// for experiments and tuning by hand: comma-separated `KNOB=VALUE` or
+/// `TEMPLATE.KNOB=VALUE` pins (e.g. `matmul_vec.WG=64,matmul_vec.ROWS=2`),
+/// applied to every template that has the knob with that value among its
+/// own and where the planner did not pin it itself, or pinned it only as
+/// a speed choice ([`TUNING_KNOBS`]).
 pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps, pins: Option<&str>) -> Result<Knobs> {
     let mut fixed = fixed.clone();
-    let pins = pins
-        .map(str::to_string)
-        .or_else(|| std::env::var("KILN_KNOBS").ok());
-    let pinned = pins.is_some();
-    if let Some(pins) = pins {
-        for (tn, knob, value) in parse_pins(&pins)? {
-            if tn.is_some_and(|tn| tn != t.name) {
-                continue;
-            }
-            let Some(k) = t.knobs.iter().find(|k| k.name == knob) else {
-                continue;
-            };
-            if !k.values.iter().any(|v| v == value) {
-                // (A pin naming no template applies where the value is one
-                // of the knob's; check_pins makes sure some template has it.)
-                if tn.is_none() {
-                    continue;
-                }
-                return Err(Error::Input(format!(
-                    "knob pin {knob}={value} (KILN_KNOBS or --try): {}.{knob} takes {}",
-                    t.name,
-                    k.values.join(", ")
-                )));
-            }
-            if !fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob) {
-                fixed.insert(knob.to_string(), value.to_string());
-            }
+    for (tn, knob, value) in parse_pins(pins.unwrap_or(""))? {
+        // (A pin naming no template passes over templates whose knob does
+        // not list its value; check_pins made sure some template does.)
+        let applies = tn.is_none_or(|tn| tn == t.name)
+            && t.knobs
+                .iter()
+                .any(|k| k.name == knob && k.values.iter().any(|v| v == value));
+        if applies && (!fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob)) {
+            fixed.insert(knob.to_string(), value.to_string());
         }
     }
     let fixed = &fixed;
@@ -394,7 +388,7 @@ pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps, pins: Option<&str>) -> R
                 "template {} has no variant with {} that this adapter can run{}",
                 t.name,
                 codegen::knobs_str(fixed),
-                if pinned {
+                if pins.is_some() {
                     " (check the knob pins: KILN_KNOBS or --try)"
                 } else {
                     ""
@@ -412,7 +406,7 @@ pub(crate) struct Builder {
     pub(crate) quantize_every_dtype: bool,
     /// [`FuseOptions::merge_int8_apart`].
     pub(crate) merge_int8_apart: bool,
-    /// [`FuseOptions::knob_pins`].
+    /// The knob pins, resolved ([`resolve_pins`]).
     knob_pins: Option<String>,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
     pub(crate) extra: Vec<(usize, u64)>,
@@ -580,7 +574,7 @@ pub fn plan_with(
         int8_input_over_k: opts.int8_over_k(),
         quantize_every_dtype: opts.quantize_every_dtype,
         merge_int8_apart: opts.merge_int8_apart,
-        knob_pins: opts.knob_pins.clone(),
+        knob_pins: resolve_pins(opts.knob_pins.as_deref())?,
         extra: Vec::new(),
         templates,
         kernels: Vec::new(),
