@@ -131,8 +131,8 @@ fn gpu_run(
     // (Gemma 3 has none: its projections' outputs go through a norm
     // before the residual add, and its down projection reads f32 rows.)
     let arch = &b.arch;
-    // (Without quantize_every_dtype only producers where the pass pays,
-    // re-laid Q4_0 weights, which these small models may not have.)
+    // (Without quantize_every_dtype only producers where the pass pays:
+    // single weights, and pairs of re-laid Q4_0 weights.)
     let wanted = int8 && opts.on("quantize") && arch.as_str() != "gemma3";
     assert!(
         if wanted {

@@ -792,17 +792,21 @@ pub(crate) fn plan_producer_quantize(
 /// Whether a producer with these weights gains from quantizing its own
 /// output (the `quantize` pass) on the measured GPU. Its workgroups own
 /// whole 32-row blocks (32 / ROWS teams), so it runs fewer, wider
-/// workgroups than alone: H100, Llama-3-8B shape, the producers 5-12%
-/// slower a kernel, and a Q4_K pair (gate/up at 1024 invocations) 49%
-/// slower (1417 -> 2107 µs a step, Q4_K_M decode 291 -> 251 tok/s; with
-/// every Q4_K producer's workgroup capped at 256 invocations, 8 teams of
-/// 32, still 291 -> 272, stop 16), against ~3 µs saved per quantize_rows
-/// dispatch dropped. With every weight re-laid Q4_0 (Q4_0X) it pays: Q4_0
-/// decode 332 -> 342 tok/s, Qwen2.5-7B shape 345 -> 371 (docs/PERF.md,
-/// stop 15).
+/// workgroups than alone. A single weight pays in every layout: with every
+/// weight re-laid Q4_0 (Q4_0X) Q4_0 decode 332 -> 342 tok/s, Qwen2.5-7B
+/// shape 345 -> 371 (stop 15); in the Q4_K_M mix (Q4_K and Q6_KX
+/// o-projections and downs) 295.0 -> 310.6, the merge prologue taking the
+/// o-projection's quantize_rows too (stop 19). A pair pays only re-laid
+/// Q4_0: a Q4_K pair (gate/up at 1024 invocations) ran 49% slower (1417
+/// -> 2107 µs a step, Q4_K_M decode 291 -> 251 tok/s; with its workgroup
+/// capped at 256 invocations, 8 teams of 32, still 291 -> 272, stop 16)
+/// against ~3 µs saved per quantize_rows dispatch dropped. H100,
+/// Llama-3-8B shape; docs/PERF.md.
 fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
-    ws.iter()
-        .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
+    ws.len() == 1
+        || ws
+            .iter()
+            .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
 }
 
 /// matmul_vec's int8 input hooks (xq_in: a word, xq_in4: four) over the
