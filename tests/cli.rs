@@ -195,7 +195,27 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
     }
     let new_kernels = |r: Vec<String>| r[r.len() - 2].parse::<usize>().unwrap_or(0);
     assert_eq!(new_kernels(row("(default)")), 0, "{bench}");
-    assert!(new_kernels(row("matmul_vec.WG=64")) > 0, "{bench}");
+    let all = new_kernels(row("matmul_vec.WG=64"));
+    assert!(all > 0, "{bench}");
+    // A pin scoped to one kernel role changes that role's kernels only.
+    let role = "matmul_vec@rmsnorm+matmul2+unary_mul.WG=64";
+    let scoped = ok(&mut bench_try(role), "bench --try with a role pin");
+    let line = scoped
+        .lines()
+        .find(|l| l.trim_start().starts_with(role))
+        .unwrap_or_else(|| panic!("no '{role}' row in: {scoped}"));
+    let r: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+    let one = new_kernels(r);
+    assert!(one > 0 && one < all, "{one} of {all} new: {scoped}");
+    let err = fails(
+        &mut bench_try("matmul_vec@nosuch+role.WG=64"),
+        "bench --try with a role no kernel has",
+    );
+    assert!(
+        err.contains("matmul_vec@nosuch+role")
+            && err.contains("matmul_vec@rmsnorm+matmul2+unary_mul"),
+        "{err}"
+    );
     let err = fails(
         &mut bench_try("matmul_vec.WG=7"),
         "bench --try with an unlisted value",

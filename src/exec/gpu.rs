@@ -218,6 +218,11 @@ impl<'a> GpuBackend<'a> {
             plan::plan_with(graph, Bucket::One, caps, max_binding, fuse)?,
             plan::plan_with(graph, Bucket::Many, caps, max_binding, fuse)?,
         ];
+        if let Some(pins) = plan::resolve_pins(fuse.knob_pins.as_deref())? {
+            if let Some(e) = plan::unmatched_role_pins(&pins, &[&plans[0], &plans[1]])? {
+                return Err(Error::Input(e));
+            }
+        }
         Self::with_plans(ctx, graph, gguf, n_ctx, progress, plans)
     }
 
@@ -324,6 +329,7 @@ impl<'a> GpuBackend<'a> {
                 &Default::default(),
                 &caps,
                 plan::resolve_pins(None)?.as_deref(),
+                "",
             )?;
             Kernel::build(ctx, &t, &knobs)?
         };

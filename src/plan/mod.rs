@@ -266,24 +266,81 @@ impl Plan {
 /// same): `KILN_KNOBS` overrides its choice for them.
 pub const TUNING_KNOBS: [&str; 2] = ["WG", "ROWS"];
 
-/// The pins of a `KILN_KNOBS`-style string: (template, knob, value), the
-/// template None where the pin names none.
-fn parse_pins(pins: &str) -> Result<Vec<(Option<&str>, &str, &str)>> {
+/// One knob pin: `[TEMPLATE[@ROLE].]KNOB=VALUE`.
+struct Pin<'a> {
+    /// The template it applies to (None: every template with the knob).
+    template: Option<&'a str>,
+    /// The kernel role it applies to: what the kernel fuses, as `kiln plan`
+    /// and the `fused-` part of kernel names show it (`rmsnorm+matmul3`);
+    /// None: every kernel of the template.
+    role: Option<&'a str>,
+    knob: &'a str,
+    value: &'a str,
+}
+
+/// The pins of a `KILN_KNOBS`-style string.
+fn parse_pins(pins: &str) -> Result<Vec<Pin<'_>>> {
     pins.split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(|pin| {
-            let (name, value) = pin.split_once('=').ok_or_else(|| {
+            let bad = || {
                 Error::Input(format!(
-                    "knob pin '{pin}' (KILN_KNOBS or --try) is not KNOB=VALUE or TEMPLATE.KNOB=VALUE"
+                    "knob pin '{pin}' (KILN_KNOBS or --try) is not KNOB=VALUE, TEMPLATE.KNOB=VALUE or TEMPLATE@ROLE.KNOB=VALUE"
                 ))
-            })?;
-            Ok(match name.split_once('.') {
-                Some((tn, k)) => (Some(tn), k, value),
-                None => (None, name, value),
+            };
+            let (name, value) = pin.split_once('=').ok_or_else(bad)?;
+            // (A role holds no '.', a knob name neither.)
+            let (scope, knob) = match name.rsplit_once('.') {
+                Some((scope, knob)) => (Some(scope), knob),
+                None => (None, name),
+            };
+            let (template, role) = match scope.map(|s| s.split_once('@')) {
+                Some(Some((t, r))) if !r.is_empty() => (Some(t), Some(r)),
+                Some(Some(_)) => return Err(bad()),
+                Some(None) => (scope, None),
+                None => (None, None),
+            };
+            Ok(Pin {
+                template,
+                role,
+                knob,
+                value,
             })
         })
         .collect()
+}
+
+/// Role pins (`TEMPLATE@ROLE.KNOB=VALUE`) in `pins` that no kernel of
+/// `plans` has: planned, they pinned nothing. Returns them with the roles
+/// the plans do have, for the error.
+pub fn unmatched_role_pins(pins: &str, plans: &[&Plan]) -> Result<Option<String>> {
+    let kernels: Vec<&KernelRef> = plans.iter().flat_map(|p| &p.kernels).collect();
+    let missing: Vec<String> = parse_pins(pins)?
+        .iter()
+        .filter_map(|p| {
+            let role = p.role?;
+            let found = kernels
+                .iter()
+                .any(|k| k.fused == role && p.template.is_none_or(|t| t == k.template));
+            (!found).then(|| format!("{}@{role}", p.template.unwrap_or("")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    let mut roles: Vec<String> = kernels
+        .iter()
+        .filter(|k| !k.fused.is_empty())
+        .map(|k| format!("{}@{}", k.template, k.fused))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    Ok(Some(format!(
+        "knob pins for {} match no kernel of this model's plans; its kernel roles: {}",
+        missing.join(", "),
+        roles.join(", ")
+    )))
 }
 
 /// Check knob pins (`KILN_KNOBS` syntax) before planning with them: each
@@ -291,7 +348,13 @@ fn parse_pins(pins: &str) -> Result<Vec<(Option<&str>, &str, &str)>> {
 /// that knob's values; a typo would otherwise pin nothing.
 pub fn check_pins(pins: &str) -> Result<()> {
     let templates = codegen::templates().map_err(|e| Error::Gpu(e.to_string()))?;
-    for (tn, knob, value) in parse_pins(pins)? {
+    for Pin {
+        template: tn,
+        knob,
+        value,
+        ..
+    } in parse_pins(pins)?
+    {
         let named: Vec<_> = templates
             .iter()
             .filter(|t| tn.is_none_or(|tn| tn == t.name))
@@ -340,28 +403,37 @@ pub fn resolve_pins(explicit: Option<&str>) -> Result<Option<String>> {
     Ok(pins)
 }
 
-/// Pick a variant of `t` with the `fixed` knobs that `caps` can run. The
-/// cost model for now: subgroups and f16 when available, and for every other
-/// knob the value listed last in the template (templates list values from
-/// least to most preferred). The autotuner replaces this later.
+/// Pick a variant of `t` with the `fixed` knobs that `caps` can run, for a
+/// kernel fusing `role` (its label, "" for a plain kernel). The cost model
+/// for now: subgroups and f16 when available, and for every other knob the
+/// value listed last in the template (templates list values from least to
+/// most preferred). `kiln bench --try` compares others by hand.
 ///
 /// `pins` (checked knob pins, from [`resolve_pins`]) override the choice
-/// for experiments and tuning by hand: comma-separated `KNOB=VALUE` or
-/// `TEMPLATE.KNOB=VALUE` pins (e.g. `matmul_vec.WG=64,matmul_vec.ROWS=2`),
-/// applied to every template that has the knob with that value among its
-/// own and where the planner did not pin it itself, or pinned it only as
-/// a speed choice ([`TUNING_KNOBS`]).
-pub fn choose(t: &Template, fixed: &Knobs, caps: &Caps, pins: Option<&str>) -> Result<Knobs> {
+/// for experiments and tuning by hand: comma-separated `KNOB=VALUE`,
+/// `TEMPLATE.KNOB=VALUE` or `TEMPLATE@ROLE.KNOB=VALUE` pins (e.g.
+/// `matmul_vec.WG=64,matmul_vec@rmsnorm+matmul3.ROWS=2`), applied to every
+/// kernel of that template (and role) that has the knob with that value
+/// among its own and where the planner did not pin it itself, or pinned
+/// it only as a speed choice ([`TUNING_KNOBS`]).
+pub fn choose(
+    t: &Template,
+    fixed: &Knobs,
+    caps: &Caps,
+    pins: Option<&str>,
+    role: &str,
+) -> Result<Knobs> {
     let mut fixed = fixed.clone();
-    for (tn, knob, value) in parse_pins(pins.unwrap_or(""))? {
+    for pin in parse_pins(pins.unwrap_or(""))? {
         // (A pin naming no template passes over templates whose knob does
         // not list its value; check_pins made sure some template does.)
-        let applies = tn.is_none_or(|tn| tn == t.name)
+        let applies = pin.template.is_none_or(|tn| tn == t.name)
+            && pin.role.is_none_or(|r| r == role)
             && t.knobs
                 .iter()
-                .any(|k| k.name == knob && k.values.iter().any(|v| v == value));
-        if applies && (!fixed.contains_key(knob) || TUNING_KNOBS.contains(&knob)) {
-            fixed.insert(knob.to_string(), value.to_string());
+                .any(|k| k.name == pin.knob && k.values.iter().any(|v| v == pin.value));
+        if applies && (!fixed.contains_key(pin.knob) || TUNING_KNOBS.contains(&pin.knob)) {
+            fixed.insert(pin.knob.to_string(), pin.value.to_string());
         }
     }
     let fixed = &fixed;
@@ -432,7 +504,7 @@ impl Builder {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        let knobs = choose(t, &fixed, &self.caps, self.knob_pins.as_deref())?;
+        let knobs = choose(t, &fixed, &self.caps, self.knob_pins.as_deref(), fused)?;
         let r = KernelRef {
             template: template.into(),
             knobs: knobs.clone(),
@@ -1192,12 +1264,15 @@ mod tests {
             "matmul_vec.WG=64",
             "WG=128,ROWS=2",
             " attention.WG=128 , matmul_vec.PAIR=1 ",
+            "matmul_vec@rmsnorm+matmul3.ROWS=2",
             "",
         ] {
             check_pins(good).unwrap_or_else(|e| panic!("{good}: {e}"));
         }
         for (bad, says) in [
             ("foo", "is not KNOB=VALUE"),
+            ("matmul_vec@.WG=64", "TEMPLATE@ROLE.KNOB=VALUE"),
+            ("nosuch@matmul1+add.WG=64", "no kernel template 'nosuch'"),
             ("matmul_vec.WGG=64", "no knob WGG in matmul_vec"),
             ("nosuch.WG=64", "no kernel template 'nosuch'"),
             ("matmul_vec.WG=7", "matmul_vec.WG takes 32, 64"),
