@@ -187,6 +187,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: u32,
     },
+    /// Tune the decode kernels' workgroup shapes on this GPU: for each
+    /// kernel role of the decode plan in turn, time the decode with each
+    /// other legal WG and ROWS value pinned to that role, interleaved with
+    /// the best so far, and keep a value that is faster by more than
+    /// --margin; print the winning knob pins (`KILN_KNOBS` syntax).
+    Tune {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Decode steps per timing.
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        /// Interleaved timing rounds per candidate (the best round counts).
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: u32,
+        /// Percent a candidate must gain to be kept.
+        #[arg(long, default_value_t = 1.0)]
+        margin: f64,
+        /// Also write the winning pins to this file.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write a synthetic model: `--like M.gguf --spec-out S.json` extracts a
     /// model's shape; `--spec S.json --out X.gguf` writes random valid weights
     /// in that shape (for benchmarks where real weights cannot be fetched).
@@ -466,6 +487,20 @@ fn run(cli: Cli) -> Result<()> {
             [prefill, decode_after as usize],
             stream.as_deref(),
             (&tries, rounds as usize),
+        ),
+        Cmd::Tune {
+            m,
+            decode,
+            rounds,
+            margin,
+            out,
+        } => tune(
+            &m,
+            &cli.gpu,
+            decode,
+            rounds as usize,
+            margin,
+            out.as_deref(),
         ),
         Cmd::Plan {
             m,
@@ -856,6 +891,139 @@ fn bench(
             v.plans()[0].dispatches(),
             variants_of(v).difference(&default).count()
         );
+    }
+    Ok(())
+}
+
+/// `kiln tune`: coordinate descent over the tuning knobs (WG, ROWS) of
+/// each kernel role of the decode plan, largest role first (by the weight
+/// bytes its kernels read, then plan order). Each candidate is planned and
+/// loaded beside the best so far (two copies of the weights at most) and
+/// both decodes are timed in turns; a candidate that plans no new kernel
+/// or that the template cannot run is skipped.
+fn tune(
+    m: &ModelArgs,
+    gpu: &GpuArgs,
+    decode: usize,
+    rounds: usize,
+    margin: f64,
+    out: Option<&Path>,
+) -> Result<()> {
+    if !(margin.is_finite() && margin >= 0.0) {
+        return Err(Error::Input(format!(
+            "--margin {margin}: give a percentage of 0 or more"
+        )));
+    }
+    let start = kiln::plan::resolve_pins(None)?.unwrap_or_default();
+    let (gguf, bound) = bind(m)?;
+    let ctx = GpuContext::new(&gpu.options()?)?;
+    let n_ctx = decode + 16;
+    let vocab = bound.vocab as u64;
+    let prompt: Vec<u32> = (0..8u64)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
+        .collect();
+    let load = |pins: &str| {
+        let opts = kiln::plan::FuseOptions {
+            knob_pins: Some(pins.to_string()),
+            ..m.fusion()?
+        };
+        GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &opts)
+    };
+    let variants = |b: &GpuBackend| -> std::collections::BTreeSet<String> {
+        b.plans()[0].kernels.iter().map(|k| k.name()).collect()
+    };
+    // Best-of-rounds tok/s of a and b, timed in turns.
+    let race = |a: &mut GpuBackend, b: &mut GpuBackend| -> Result<(f64, f64)> {
+        let (mut ra, mut rb) = (0.0f64, 0.0f64);
+        for _ in 0..rounds {
+            ra = ra.max(decode as f64 / time_decode(a, &prompt, decode)?.0);
+            rb = rb.max(decode as f64 / time_decode(b, &prompt, decode)?.0);
+        }
+        Ok((ra, rb))
+    };
+    let mut pins = start.clone();
+    let mut best = load(&pins)?;
+    // The roles, largest first: (template, role, weight bytes its kernels read).
+    let plan = best.plans()[0];
+    let templates = kiln::codegen::templates().map_err(|e| Error::Gpu(e.to_string()))?;
+    let mut roles: Vec<(String, String, u64)> = Vec::new();
+    for l in &plan.launches {
+        let kiln::plan::Launch::Kernel { kernel, binds, .. } = l else {
+            continue;
+        };
+        let k = &plan.kernels[*kernel];
+        if k.fused.is_empty() {
+            continue;
+        }
+        let bytes = plan.weight_bytes(binds);
+        match roles
+            .iter_mut()
+            .find(|r| r.0 == k.template && r.1 == k.fused)
+        {
+            Some(r) => r.2 += bytes,
+            None => roles.push((k.template.clone(), k.fused.clone(), bytes)),
+        }
+    }
+    roles.sort_by_key(|r| std::cmp::Reverse(r.2));
+    println!(
+        "tuning {} kernel roles of the decode plan on {} ({} decode steps, best of {rounds} rounds, keep at +{margin}%)",
+        roles.len(),
+        ctx.adapter_info.name,
+        decode
+    );
+    for (template, role, _) in &roles {
+        let Some(t) = templates.iter().find(|t| &t.name == template) else {
+            continue;
+        };
+        for knob in kiln::plan::TUNING_KNOBS {
+            let Some(values) = t.knobs.iter().find(|k| k.name == knob).map(|k| &k.values) else {
+                continue;
+            };
+            for v in values {
+                let scope = format!("{template}@{role}.{knob}=");
+                let pin = format!("{scope}{v}");
+                // The pins so far without this role's earlier value of the knob.
+                let cand_pins = pins
+                    .split(',')
+                    .filter(|p| !p.is_empty() && !p.trim().starts_with(&scope))
+                    .chain([pin.as_str()])
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let mut cand = match load(&cand_pins) {
+                    Ok(c) => c,
+                    // (No variant of the template with this value here.)
+                    Err(_) => continue,
+                };
+                if variants(&cand) == variants(&best) {
+                    continue;
+                }
+                let (rb, rc) = race(&mut best, &mut cand)?;
+                let gain = (rc / rb - 1.0) * 100.0;
+                let keep = gain > margin;
+                println!(
+                    "  {pin:<60} {rc:8.1} tok/s against {rb:8.1} ({gain:+.1}%){}",
+                    if keep { "  kept" } else { "" }
+                );
+                if keep {
+                    pins = cand_pins;
+                    best = cand;
+                }
+            }
+        }
+    }
+    // The start and the result once more, in turns.
+    let mut base = load(&start)?;
+    let (r0, r1) = race(&mut base, &mut best)?;
+    println!(
+        "decode {r0:.1} tok/s with the starting pins ({}), {r1:.1} tuned ({:+.1}%)",
+        if start.is_empty() { "none" } else { &start },
+        (r1 / r0 - 1.0) * 100.0
+    );
+    println!("tuned pins: KILN_KNOBS={pins}");
+    if let Some(p) = out {
+        std::fs::write(p, format!("{pins}\n"))
+            .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+        eprintln!("wrote {}", p.display());
     }
     Ok(())
 }

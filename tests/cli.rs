@@ -224,6 +224,39 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         err.contains("WG=7") && err.contains("takes 32, 64"),
         "{err}"
     );
+    // tune: a pin set that the planner takes, written to --out; (timings
+    // on a CPU adapter are noise, so which pins win is not asserted).
+    let pins_file = dir.join("pins.txt");
+    let pins_arg = pins_file.to_string_lossy().to_string();
+    let tuned = ok(
+        &mut on_model(&["tune", "--decode", "2", "--rounds", "1", "--out", &pins_arg]),
+        "tune",
+    );
+    assert!(
+        tuned.contains("tuning ")
+            && tuned.contains(" kernel roles")
+            && tuned.contains("tuned pins: KILN_KNOBS="),
+        "tune printed: {tuned}"
+    );
+    // Every role gets candidates timed (a row each, with its tok/s).
+    assert!(
+        tuned
+            .lines()
+            .filter(|l| l.contains(" tok/s against "))
+            .count()
+            >= 4,
+        "tune printed: {tuned}"
+    );
+    let pins = std::fs::read_to_string(&pins_file).expect("tune --out writes the pins");
+    ok(
+        on_model(&["plan"]).env("KILN_KNOBS", pins.trim()),
+        "plan with the tuned pins",
+    );
+    let err = fails(
+        &mut on_model(&["tune", "--margin=-1"]),
+        "tune with a negative margin",
+    );
+    assert!(err.contains("--margin"), "{err}");
     let plan = ok(&mut on_model(&["plan"]), "plan");
     assert!(plan.contains("decode plan (T = 1)"), "plan printed: {plan}");
     let kernels = ok(

@@ -895,17 +895,7 @@ impl GpuBackend<'_> {
                             // (A matmul reads all it binds; an embedding one row.)
                             let weight_bytes = if st.plan.kernels[*kernel].template == "matmul_vec"
                             {
-                                binds
-                                    .iter()
-                                    .filter_map(|b| match b {
-                                        Buf::Raw { weight, chunk } => {
-                                            let w = st.plan.weights.get(*weight)?;
-                                            let rows = w.chunks.get(*chunk)?.1;
-                                            Some((rows * w.row_bytes) as u64)
-                                        }
-                                        _ => None,
-                                    })
-                                    .sum()
+                                st.plan.weight_bytes(binds)
                             } else {
                                 0
                             };

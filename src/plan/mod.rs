@@ -262,6 +262,23 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Bytes of weight rows among `binds` (a launch's bindings): what a
+    /// matmul reads of its weights.
+    pub fn weight_bytes(&self, binds: &[Buf]) -> u64 {
+        binds
+            .iter()
+            .filter_map(|b| match b {
+                Buf::Raw { weight, chunk } => {
+                    let w = self.weights.get(*weight)?;
+                    Some((w.chunks.get(*chunk)?.1 * w.row_bytes) as u64)
+                }
+                _ => None,
+            })
+            .sum()
+    }
+}
+
 /// Knobs the planner may pin for speed alone (any legal value computes the
 /// same): `KILN_KNOBS` overrides its choice for them.
 pub const TUNING_KNOBS: [&str; 2] = ["WG", "ROWS"];
