@@ -709,11 +709,7 @@ fn bench(
         }
         None => GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &m.fusion()?)?,
     };
-    let vocab = bound.vocab as u64;
-    // Deterministic pseudo-random prompt ids.
-    let ids: Vec<u32> = (0..prefill.max(decode_after) as u64)
-        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
-        .collect();
+    let ids = prompt_ids(prefill.max(decode_after), bound.vocab);
     // Prefill: one warm-up, then timed.
     b.forward(&ids[..prefill], true)?;
     b.reset();
@@ -871,15 +867,7 @@ fn bench(
     println!(
         "decode with --try  tok/s in {rounds} interleaved rounds of {decode} steps; best, % of roof, dispatches/step, decode kernel variants not in the default's:"
     );
-    // A decode plan's kernel variants (template and knobs).
-    let variants_of = |b: &GpuBackend| -> std::collections::BTreeSet<String> {
-        b.plans()[0]
-            .kernels
-            .iter()
-            .map(|k| format!("{}{:?}", k.template, k.knobs))
-            .collect()
-    };
-    let default = variants_of(&variants[0].1);
+    let default = decode_variants(&variants[0].1);
     for ((name, v), r) in variants.iter().zip(&rates) {
         let best = r.iter().cloned().fold(0.0, f64::max);
         let each: Vec<String> = r.iter().map(|x| format!("{x:.1}")).collect();
@@ -889,7 +877,7 @@ fn bench(
             each.join(" "),
             weight_bytes as f64 * best / roof * 100.0,
             v.plans()[0].dispatches(),
-            variants_of(v).difference(&default).count()
+            decode_variants(v).difference(&default).count()
         );
     }
     Ok(())
@@ -918,19 +906,13 @@ fn tune(
     let (gguf, bound) = bind(m)?;
     let ctx = GpuContext::new(&gpu.options()?)?;
     let n_ctx = decode + 16;
-    let vocab = bound.vocab as u64;
-    let prompt: Vec<u32> = (0..8u64)
-        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab) as u32)
-        .collect();
+    let prompt = prompt_ids(8, bound.vocab);
     let load = |pins: &str| {
         let opts = kiln::plan::FuseOptions {
             knob_pins: Some(pins.to_string()),
             ..m.fusion()?
         };
         GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &opts)
-    };
-    let variants = |b: &GpuBackend| -> std::collections::BTreeSet<String> {
-        b.plans()[0].kernels.iter().map(|k| k.name()).collect()
     };
     // Best-of-rounds tok/s of a and b, timed in turns.
     let race = |a: &mut GpuBackend, b: &mut GpuBackend| -> Result<(f64, f64)> {
@@ -994,7 +976,7 @@ fn tune(
                     // (No variant of the template with this value here.)
                     Err(_) => continue,
                 };
-                if variants(&cand) == variants(&best) {
+                if decode_variants(&cand) == decode_variants(&best) {
                     continue;
                 }
                 let (rb, rc) = race(&mut best, &mut cand)?;
@@ -1026,6 +1008,23 @@ fn tune(
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// `n` deterministic pseudo-random token ids below `vocab`: a benchmark's
+/// prompt.
+fn prompt_ids(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((i.wrapping_mul(2654435761) >> 7) % vocab as u64) as u32)
+        .collect()
+}
+
+/// The kernel variants (template and knobs) of `b`'s decode plan.
+fn decode_variants(b: &GpuBackend) -> std::collections::BTreeSet<String> {
+    b.plans()[0]
+        .kernels
+        .iter()
+        .map(|k| format!("{}{:?}", k.template, k.knobs))
+        .collect()
 }
 
 /// Greedy decode of `decode` steps after `prompt` (and one warm-up step of

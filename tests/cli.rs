@@ -176,17 +176,17 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         ])
     };
     let bench = ok(&mut bench_try("matmul_vec.WG=64"), "bench --try");
-    let row = |name: &str| -> Vec<String> {
-        bench
-            .lines()
+    // The words of the row of `out` that starts with `name`.
+    let row = |out: &str, name: &str| -> Vec<String> {
+        out.lines()
             .find(|l| l.trim_start().starts_with(name))
-            .unwrap_or_else(|| panic!("no '{name}' row in: {bench}"))
+            .unwrap_or_else(|| panic!("no '{name}' row in: {out}"))
             .split_whitespace()
             .map(str::to_string)
             .collect()
     };
     for name in ["(default)", "matmul_vec.WG=64"] {
-        let r = row(name);
+        let r = row(&bench, name);
         // name, two rounds' tok/s, "best", the best...
         assert!(
             r.len() > 4 && r[1].parse::<f64>().is_ok_and(|x| x > 0.0) && r[3] == "best",
@@ -194,18 +194,13 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         );
     }
     let new_kernels = |r: Vec<String>| r[r.len() - 2].parse::<usize>().unwrap_or(0);
-    assert_eq!(new_kernels(row("(default)")), 0, "{bench}");
-    let all = new_kernels(row("matmul_vec.WG=64"));
+    assert_eq!(new_kernels(row(&bench, "(default)")), 0, "{bench}");
+    let all = new_kernels(row(&bench, "matmul_vec.WG=64"));
     assert!(all > 0, "{bench}");
     // A pin scoped to one kernel role changes that role's kernels only.
     let role = "matmul_vec@rmsnorm+matmul2+unary_mul.WG=64";
     let scoped = ok(&mut bench_try(role), "bench --try with a role pin");
-    let line = scoped
-        .lines()
-        .find(|l| l.trim_start().starts_with(role))
-        .unwrap_or_else(|| panic!("no '{role}' row in: {scoped}"));
-    let r: Vec<String> = line.split_whitespace().map(str::to_string).collect();
-    let one = new_kernels(r);
+    let one = new_kernels(row(&scoped, role));
     assert!(one > 0 && one < all, "{one} of {all} new: {scoped}");
     let err = fails(
         &mut bench_try("matmul_vec@nosuch+role.WG=64"),

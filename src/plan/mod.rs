@@ -260,9 +260,7 @@ impl Plan {
             .sum();
         (g.values[v].numel(t) as u64 + extra) * 4
     }
-}
 
-impl Plan {
     /// Bytes of weight rows among `binds` (a launch's bindings): what a
     /// matmul reads of its weights.
     pub fn weight_bytes(&self, binds: &[Buf]) -> u64 {
