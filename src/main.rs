@@ -973,8 +973,12 @@ fn tune(
                     .join(",");
                 let mut cand = match load(&cand_pins) {
                     Ok(c) => c,
-                    // (No variant of the template with this value here.)
-                    Err(_) => continue,
+                    // Said, not swallowed: mostly no variant of the template
+                    // with this value here, but it could be the GPU's memory.
+                    Err(e) => {
+                        println!("  {pin:<60} skipped: {e}");
+                        continue;
+                    }
                 };
                 if decode_variants(&cand) == decode_variants(&best) {
                     continue;
