@@ -84,6 +84,12 @@ struct ModelArgs {
     /// llama.cpp does.
     #[arg(long)]
     f32_activations: bool,
+    /// Run up to N consecutive decode kernels as the stages of one dispatch
+    /// (workgroups hand over through counters in memory instead of a
+    /// barrier between dispatches; kernels of one workgroup size only).
+    /// Default: $KILN_CHAIN, else 0 (off).
+    #[arg(long, value_name = "N")]
+    chain: Option<usize>,
 }
 
 impl ModelArgs {
@@ -92,6 +98,7 @@ impl ModelArgs {
         Ok(kiln::plan::FuseOptions {
             disabled: self.no_fuse.clone(),
             f32_activations: self.f32_activations,
+            chain: self.chain,
             ..Default::default()
         })
     }
@@ -178,7 +185,8 @@ enum Cmd {
         #[arg(long, conflicts_with = "tries")]
         stream: Option<PathBuf>,
         /// Also time the decode with these knob pins (`KILN_KNOBS` syntax,
-        /// e.g. `matmul_vec.WG=64,ROWS=2`; repeatable): each is planned and
+        /// e.g. `matmul_vec.WG=64,ROWS=2`, and `chain=N` for --chain N;
+        /// repeatable): each is planned and
         /// loaded beside the default, and the decode timings of all run
         /// interleaved, --rounds times, in this one process.
         #[arg(long = "try", value_name = "PINS")]
@@ -678,6 +686,31 @@ fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The plan options of a `--try`: knob pins, where an item `chain=N`
+/// sets the chain length instead (`matmul_vec.WG=256,chain=8`).
+fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
+    let mut opts = m.fusion()?;
+    let mut pins = Vec::new();
+    for item in spec.split(',') {
+        match item.trim().strip_prefix("chain=") {
+            Some(n) => {
+                opts.chain = Some(n.parse().map_err(|_| {
+                    Error::Input(format!(
+                        "--try {spec}: chain={n} is not a number of launches"
+                    ))
+                })?)
+            }
+            None => pins.push(item),
+        }
+    }
+    if !pins.is_empty() {
+        let pins = pins.join(",");
+        kiln::plan::check_pins(&pins)?;
+        opts.knob_pins = Some(pins);
+    }
+    Ok(opts)
+}
+
 fn bench(
     m: &ModelArgs,
     gpu: &GpuArgs,
@@ -689,7 +722,7 @@ fn bench(
     use std::time::Instant;
     // Refused before the roof and the model load, not at planning.
     for pins in tries {
-        kiln::plan::check_pins(pins)?;
+        try_options(m, pins)?;
     }
     let (gguf, bound) = bind(m)?;
     let ctx = GpuContext::new(&gpu.options()?)?;
@@ -771,10 +804,10 @@ fn bench(
         prefill,
         prefill_s
     );
-    let [d, p] = b.plans();
+    let [_, p] = b.plans();
     println!(
         "dispatches/step    decode {} (+1 greedy argmax), prefill {}",
-        d.dispatches(),
+        b.dispatches_per_decode_step(),
         p.dispatches()
     );
     // The other roof: what a step's chain of dependent dispatches costs
@@ -784,7 +817,7 @@ fn bench(
             "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch; decode step chain {:.3} ms",
             one * 1e6,
             wide * 1e6,
-            (d.dispatches() + 1) as f64 * wide * 1e3
+            (b.dispatches_per_decode_step() + 1) as f64 * wide * 1e3
         );
     }
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / times.steps.max(1) as f64;
@@ -850,10 +883,7 @@ fn bench(
     // the GPU's clocks reaches all alike.
     let mut variants = vec![(String::from("(default)"), b)];
     for pins in tries {
-        let opts = kiln::plan::FuseOptions {
-            knob_pins: Some(pins.clone()),
-            ..m.fusion()?
-        };
+        let opts = try_options(m, pins)?;
         let v = GpuBackend::with_fusion(&ctx, &bound, &gguf, n_ctx, false, &opts)?;
         variants.push((pins.clone(), v));
     }
@@ -876,7 +906,7 @@ fn bench(
             name,
             each.join(" "),
             weight_bytes as f64 * best / roof * 100.0,
-            v.plans()[0].dispatches(),
+            v.dispatches_per_decode_step(),
             decode_variants(v).difference(&default).count()
         );
     }

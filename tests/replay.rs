@@ -151,3 +151,64 @@ fn greedy_decode_run_ahead_stops_at_the_context_end() {
     };
     assert!(e.contains("context") && w.contains("context"), "{e} / {w}");
 }
+
+/// Decode with consecutive kernels chained into one dispatch (`--chain`)
+/// gives the logits of one dispatch per kernel bit for bit (the same
+/// kernels do the same arithmetic in the same order; only the handover
+/// between them differs), in fewer dispatches, with and without subgroups,
+/// and its decode steps create no GPU objects.
+#[test]
+fn chained_decode_equals_a_dispatch_per_kernel() {
+    let _serial = serial();
+    let (g, b) = common::tiny_model("llama", 2, 5);
+    let opts = |chain| kiln::plan::FuseOptions {
+        chain: Some(chain),
+        ..Default::default()
+    };
+    for req in [FeatureRequest::EVERY[0], FeatureRequest::EVERY[3]] {
+        let ctx = GpuContext::with_features(req)
+            .unwrap_or_else(|e| panic!("no GPU adapter ({e}); run tools/setup.sh"));
+        let mut plain = GpuBackend::with_fusion(&ctx, &b, &g, 64, false, &opts(0)).unwrap();
+        let mut chained = GpuBackend::with_fusion(&ctx, &b, &g, 64, false, &opts(16)).unwrap();
+        let (n_plain, n_chained) = (
+            plain.dispatches_per_decode_step(),
+            chained.dispatches_per_decode_step(),
+        );
+        assert!(
+            n_chained < n_plain,
+            "{req:?}: no launches chained ({n_chained} dispatches a step, {n_plain} unchained)"
+        );
+        let prompt = [3, 1, 4, 1, 5];
+        let last = |l: kiln::reference::Logits| l.row(l.rows() - 1).to_vec();
+        let mut want = last(plain.forward(&prompt, true).unwrap());
+        assert_eq!(last(chained.forward(&prompt, true).unwrap()), want);
+        let mut before = 0;
+        for step in 0..8 {
+            if step == 2 {
+                before = objects_created();
+            }
+            let next = want
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap();
+            want = last(plain.forward(&[next], true).unwrap());
+            let got = last(chained.forward(&[next], true).unwrap());
+            assert!(
+                want.iter().any(|&x| x != 0.0) && want.iter().all(|x| x.is_finite()),
+                "{req:?} step {step}: the unchained logits are degenerate"
+            );
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{req:?} step {step}: chained logits differ");
+        }
+        assert_eq!(
+            objects_created(),
+            before,
+            "{req:?}: chained decode steps created GPU objects"
+        );
+    }
+}

@@ -238,6 +238,11 @@ pub struct Plan {
     /// a matmul stored after its output).
     #[serde(default)]
     pub extra: Vec<(usize, u64)>,
+    /// Up to how many consecutive launches the executor runs as the stages
+    /// of one dispatch where their kernels allow ([`codegen::chain`];
+    /// decode only; 0: none).
+    #[serde(default)]
+    pub chain: usize,
 }
 
 impl Plan {
@@ -755,6 +760,11 @@ pub fn plan_with(
         made,
         groups,
         extra,
+        chain: if bucket == Bucket::One {
+            opts.chain_limit()?
+        } else {
+            0
+        },
     })
 }
 
