@@ -31,7 +31,8 @@
 //! The default hook is the plain matmul: y[m * ldy + n_offset + base + n]
 //! where base is the row's segment start (Q, K, V rows concatenated), and
 //! PAIR stores a * b.
-//! Dispatch: spread(Σ ceil(N_w / ROWS)) (PAIR: ceil(N_A / ROWS)) over x and y
+//! Dispatch: spread(Σ ceil(N_w / ROWS)) (PAIR: ceil(N_A / ROWS); QOUT
+//! without QLAST: N_A / 32) over x and y
 //! (linear group g = wg.x + wg.y * num_workgroups.x), z = M.
 //! WG invocations stride over 8-element pieces of K and reduce (through
 //! subgroups with SUBGROUPS=1, never assuming their size). F16=1 does the
@@ -54,6 +55,12 @@
 //! scales (quantize_rows' layout), and after all M rows the per-block Σ x²
 //! (raw x) at p.qo + M (N/4 + N/32) + m N/32, from which the reader's NORM
 //! takes its 1 / rms.
+//! QLAST=1 (with QOUT=1) keeps the workgroups of a plain matmul (ROWS rows
+//! each, dispatch ceil(N_A / ROWS)) instead: each counts its rows into its
+//! block's counter (hook binding `qcnt`, array<atomic<u32>>, M * N/32
+//! words, zero before the dispatch), and the one that completes a block
+//! reads the block's stored values back (hook qout_stored(m, n)) and
+//! quantizes it, leaving the counter zero again.
 //! With XQ=1, NORM=1 reads that Σ x² (after the int8 rows, p.xqo + M (K/4
 //! + K/32) + m K/32) instead of summing x² itself.
 //! XQ=1 with XS > 0 (K <= XS, NORM=0): the prologue makes the int8 row in
@@ -74,9 +81,10 @@
 //! knob NORM: 0 1
 //! knob XQ: 0 1
 //! knob QOUT: 0 1
-//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT
-//! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && (XS == 0 || XQ == 1) && WG * ROWS >= 256 && WG * ROWS <= 4096)) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && (XS == 0 || NORM == 0) && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
-//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS - XQ * (XS - XS / 4 - XS / 32) + 32 * QOUT) * 4
+//! knob QLAST: 0 1
+//! cover: DTYPE_B DTYPE_C PAIR XS NORM XQ QOUT QLAST
+//! require: (ROWS != 8 || XQ == 0) && (WG <= 256 || QOUT == 1) && (QOUT == 0 || (DTYPE_C == 'NONE' && (PAIR == 1 || DTYPE_B == 'NONE') && (XS == 0 || XQ == 1) && (QLAST == 1 || (WG * ROWS >= 256 && WG * ROWS <= 4096)))) && (QLAST == 0 || QOUT == 1) && (DTYPE_C == 'NONE' || DTYPE_B != 'NONE') && (PAIR == 0 || (DTYPE_B != 'NONE' && DTYPE_C == 'NONE')) && (NORM == 0 || XS == 0) && (WG != 32 || XQ == 1) && (XQ == 0 || (F16 == 0 && (XS == 0 || NORM == 0) && (DTYPE == 'Q4_0' || DTYPE == 'Q4_0X' || DTYPE == 'Q4_1' || DTYPE == 'Q8_0' || DTYPE == 'Q4_K' || DTYPE == 'Q6_K' || DTYPE == 'Q6_KX') && (DTYPE_B == 'NONE' || DTYPE_B == 'Q4_0' || DTYPE_B == 'Q4_0X' || DTYPE_B == 'Q4_1' || DTYPE_B == 'Q8_0' || DTYPE_B == 'Q4_K' || DTYPE_B == 'Q6_K' || DTYPE_B == 'Q6_KX') && (DTYPE_C == 'NONE' || DTYPE_C == 'Q4_0' || DTYPE_C == 'Q4_0X' || DTYPE_C == 'Q4_1' || DTYPE_C == 'Q8_0' || DTYPE_C == 'Q4_K' || DTYPE_C == 'Q6_K' || DTYPE_C == 'Q6_KX')))
+//! wg_storage: (WG * ROWS * (1 + PAIR) + WG + XS - XQ * (XS - XS / 4 - XS / 32) + 32 * QOUT + QLAST) * 4
 #if F16
 enable f16;
 #endif
@@ -99,7 +107,7 @@ struct Params {
 const WG: u32 = {{WG}}u;
 const ROWS: u32 = {{ROWS}}u;
 const NACC: u32 = 1u + {{PAIR}}u;
-#if QOUT
+#if QOUT && QLAST == 0
 const TEAMS: u32 = 32u / ROWS;
 #else
 const TEAMS: u32 = 1u;
@@ -201,6 +209,10 @@ var<workgroup> mixed_: u32;
 #if QOUT
 // The workgroup's 32-row block as stored (team t's rows at t * ROWS..).
 var<workgroup> qblk: array<f32, 32>;
+#endif
+#if QLAST
+// 1 in the workgroup that completed its block.
+var<workgroup> qlast_: u32;
 #endif
 #if NORM
 // 1 / rms of this token's raw input row.
@@ -387,6 +399,13 @@ fn qout_w4(n: u32) -> vec4<f32> {
 fn qout_word(i: u32, v: u32) {
     yq[i] = v;
 }
+#if QLAST
+@group(0) @binding(7) var<storage, read_write> qcnt: array<atomic<u32>>;
+
+fn qout_stored(m: u32, n: u32) -> f32 {
+    return y[m * p.ldy + p.n_offset + n];
+}
+#endif
 #endif
 
 #if XQ
@@ -604,16 +623,49 @@ fn main(
         qblk[team * ROWS + tl_] = v;
 #endif
     }
-#if QOUT
-    // The workgroup's block (rows 32 g .. 32 g + 32) is complete: quantize
-    // it as quantize_rows would, after the norm weight of the row's reader
-    // (from workgroup memory: no round trip through the stored row).
+#if QOUT && QLAST
+    // Count this workgroup's rows into their 32-row block; the workgroup
+    // that completes the block quantizes it, reading back what the others
+    // stored (their stores ordered before their counts, its reads after,
+    // by the device-scope barriers), and zeroes the count for the next
+    // dispatch.
+    storageBarrier();
+    let qg = g * ROWS / 32u;
+    if lid == 0u {
+        let c = m * (p.na / 32u) + qg;
+        let done = atomicAdd(&qcnt[c], ROWS) + ROWS;
+        var last = 0u;
+        if done == 32u {
+            atomicStore(&qcnt[c], 0u);
+            last = 1u;
+        }
+        qlast_ = last;
+    }
+    if workgroupUniformLoad(&qlast_) == 0u {
+        return;
+    }
+    storageBarrier();
+    var x = vec4<f32>(0.0);
+    if lid < 8u {
+        let e = qg * 32u + 4u * lid;
+        x = vec4<f32>(qout_stored(m, e), qout_stored(m, e + 1u), qout_stored(m, e + 2u), qout_stored(m, e + 3u));
+    }
+#elif QOUT
+    // The workgroup's block (rows 32 g .. 32 g + 32) is complete.
     workgroupBarrier();
+    let qg = g;
+    var x = vec4<f32>(0.0);
+    if lid < 8u {
+        x = vec4<f32>(qblk[4u * lid], qblk[4u * lid + 1u], qblk[4u * lid + 2u], qblk[4u * lid + 3u]);
+    }
+#endif
+#if QOUT
+    // Quantize the block as quantize_rows would, after the norm weight of
+    // the row's reader.
     let nq = p.na / 32u;
     var v = vec4<f32>(0.0);
     if lid < 8u {
-        let e = g * 32u + 4u * lid;
-        let x = vec4<f32>(qblk[4u * lid], qblk[4u * lid + 1u], qblk[4u * lid + 2u], qblk[4u * lid + 3u]);
+        let e = qg * 32u + 4u * lid;
         v = x * qout_w4(e);
         red[lid] = max(max(abs(v.x), abs(v.y)), max(abs(v.z), abs(v.w)));
         red[8u + lid] = dot(x, x);
@@ -627,10 +679,10 @@ fn main(
             ss += red[8u + j];
         }
         let row = p.qo + m * (p.na / 4u + nq);
-        qout_word(row + g * 8u + lid, q8_word(v, amax));
+        qout_word(row + qg * 8u + lid, q8_word(v, amax));
         if lid == 0u {
-            qout_word(row + p.na / 4u + g, bitcast<u32>(amax / 127.0));
-            qout_word(p.qo + p.m * (p.na / 4u + nq) + m * nq + g, bitcast<u32>(ss));
+            qout_word(row + p.na / 4u + qg, bitcast<u32>(amax / 127.0));
+            qout_word(p.qo + p.m * (p.na / 4u + nq) + m * nq + qg, bitcast<u32>(ss));
         }
     }
 #endif

@@ -185,8 +185,11 @@ enum Cmd {
         #[arg(long, conflicts_with = "tries")]
         stream: Option<PathBuf>,
         /// Also time the decode with these knob pins (`KILN_KNOBS` syntax,
-        /// e.g. `matmul_vec.WG=64,ROWS=2`, and `chain=N` for --chain N;
-        /// repeatable): each is planned and
+        /// e.g. `matmul_vec.WG=64,ROWS=2`; `chain=N` for --chain N,
+        /// `splits=N` for N splits of every decode attention, `qlast=1`
+        /// for matmuls quantizing their output by the last workgroup of
+        /// each block; repeatable):
+        /// each is planned and
         /// loaded beside the default, and the decode timings of all run
         /// interleaved, --rounds times, in this one process.
         #[arg(long = "try", value_name = "PINS")]
@@ -687,20 +690,36 @@ fn inspect(path: &Path) -> Result<()> {
 }
 
 /// The plan options of a `--try`: knob pins, where an item `chain=N`
-/// sets the chain length instead (`matmul_vec.WG=256,chain=8`).
+/// sets the chain length, `splits=N` every decode attention's split
+/// count and `qlast=1` [`kiln::plan::FuseOptions::qout_last`] instead
+/// (`matmul_vec.WG=256,chain=8`).
 fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
     let mut opts = m.fusion()?;
     let mut pins = Vec::new();
+    let number = |n: &str, what: &str| {
+        n.parse::<usize>()
+            .map_err(|_| Error::Input(format!("--try {spec}: {n} is not a number of {what}")))
+    };
     for item in spec.split(',') {
-        match item.trim().strip_prefix("chain=") {
-            Some(n) => {
-                opts.chain = Some(n.parse().map_err(|_| {
-                    Error::Input(format!(
-                        "--try {spec}: chain={n} is not a number of launches"
-                    ))
-                })?)
+        let item = item.trim();
+        if let Some(n) = item.strip_prefix("chain=") {
+            opts.chain = Some(number(n, "launches")?);
+        } else if let Some(v) = item.strip_prefix("qlast=") {
+            opts.qout_last = Some(match v {
+                "1" => true,
+                "0" => false,
+                _ => return Err(Error::Input(format!("--try {spec}: qlast is 0 or 1"))),
+            });
+        } else if let Some(n) = item.strip_prefix("splits=") {
+            let n = number(n, "splits")?;
+            if !n.is_power_of_two() || n > 32 {
+                return Err(Error::Input(format!(
+                    "--try {spec}: splits must be 1, 2, 4, 8, 16 or 32"
+                )));
             }
-            None => pins.push(item),
+            opts.splits = Some(n);
+        } else {
+            pins.push(item);
         }
     }
     if !pins.is_empty() {

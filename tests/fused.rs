@@ -142,6 +142,18 @@ fn gpu_run(
         },
         "{arch} {opts:?}: {qout} kernels quantize their output"
     );
+    // With qout_last every one of them by the last workgroup of a block.
+    let last = gpu.plans()[0]
+        .kernels
+        .iter()
+        .filter(|k| k.knobs.get("QLAST").is_some_and(|v| v == "1"))
+        .count();
+    let on = opts.qout_last == Some(true);
+    assert_eq!(
+        last,
+        if on { qout } else { 0 },
+        "{arch} {opts:?}: QLAST kernels"
+    );
     if opts.stage_up_to_k == Some(0) && opts.f32_activations {
         let scaled = gpu.plans()[0]
             .groups
@@ -262,6 +274,26 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
         assert!(
             e_sep < 1e-3,
             "{arch} {req:?} int8 rows by their producers vs by quantize_rows: relative L2 {e_sep}"
+        );
+        // The producers' quantization by the last workgroup of each block
+        // (QLAST, plain matmul workgroups; then pairs of every dtype
+        // quantize too): the same numbers up to the summation order.
+        let last = gpu_run(
+            &ctx,
+            &g,
+            &b,
+            &FuseOptions {
+                qout_last: Some(true),
+                ..opts.clone()
+            },
+        );
+        let e_last = worst(&got, &last);
+        eprintln!(
+            "{arch} {req:?} int8 inputs, QLAST: rel L2 {e_last:e} to blocks owned by workgroups"
+        );
+        assert!(
+            e_last < 1e-3,
+            "{arch} {req:?} QLAST vs workgroups owning blocks: relative L2 {e_last}"
         );
         // And the split attention's merge by a quantize_rows dispatch
         // instead of in the reader's prologue (what narrow readers get).

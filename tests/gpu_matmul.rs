@@ -177,6 +177,8 @@ fn check_matmul(
     // QOUT (the output quantized per 32-row block as well) needs whole
     // blocks of rows: 64 of them, two blocks.
     let qout = knobs.get("QOUT").is_some_and(|v| v == "1");
+    // QLAST: plain workgroups, the last of each block quantizing it.
+    let qlast = knobs.get("QLAST").is_some_and(|v| v == "1");
     let s = if qout {
         Shape {
             n: 64,
@@ -336,7 +338,7 @@ fn check_matmul(
         Family::Vec => {
             let r = knob(knobs, "ROWS") as usize;
             // QOUT: a workgroup per 32-row block.
-            let count = if qout {
+            let count = if qout && !qlast {
                 rows_a / 32
             } else {
                 rows_a.div_ceil(r) + nb.div_ceil(r) + nc.div_ceil(r)
@@ -355,6 +357,7 @@ fn check_matmul(
     let blocks = s.m * s.n / 32;
     let qwords = s.m * (s.n / 4 + s.n / 32) + blocks;
     let qb = kernel::poisoned(ctx, "yq", qwords);
+    let counters = kernel::storage(ctx, "qcnt", &vec![0u8; blocks * 4]);
     let bind = match family {
         Family::Vec => {
             let mut b: Vec<(u32, &wgpu::Buffer)> =
@@ -362,6 +365,9 @@ fn check_matmul(
             b.extend([(3, &xb), (4, &yb), (5, &pb)]);
             if qout {
                 b.push((6, &qb));
+            }
+            if qlast {
+                b.push((7, &counters));
             }
             k.bind_at(ctx, &b)
         }
@@ -377,6 +383,15 @@ fn check_matmul(
             .flat_map(|r| r[s.n_offset..s.n_offset + s.n].to_vec())
             .collect();
         check_qout(ctx, &rows, s.n, &qb, blocks)?;
+    }
+    if qlast {
+        // Every block's last workgroup left its counter zero for the next
+        // dispatch.
+        let left =
+            kernel::read_bytes(ctx, &counters, (blocks * 4) as u64).map_err(|e| e.to_string())?;
+        if left.iter().any(|&b| b != 0) {
+            return Err(format!("QLAST left block counters nonzero: {left:?}"));
+        }
     }
 
     let mut got = Vec::with_capacity(s.m * s.n);
@@ -576,6 +591,18 @@ fn matmul_vec_all_variants() {
                 ("XQ", "1"),
                 ("QOUT", "1"),
             ],
+            // The same with plain workgroups, the last of a block
+            // quantizing it.
+            &[
+                ("DTYPE_B", "Q4_0"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "1"),
+                ("XS", "0"),
+                ("NORM", "1"),
+                ("XQ", "1"),
+                ("QOUT", "1"),
+                ("QLAST", "1"),
+            ],
             // One weight quantizing its output (an o-proj or down with
             // the residual add), with its int8 row made in workgroup
             // memory by the prologue (as an o-proj merging a split
@@ -598,6 +625,16 @@ fn matmul_vec_all_variants() {
                 ("NORM", "0"),
                 ("XQ", "1"),
                 ("QOUT", "1"),
+            ],
+            &[
+                ("DTYPE_B", "NONE"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "0"),
+                ("XS", "0"),
+                ("NORM", "0"),
+                ("XQ", "1"),
+                ("QOUT", "1"),
+                ("QLAST", "1"),
             ],
             &[
                 ("DTYPE_B", "NONE"),

@@ -102,6 +102,8 @@ pub struct GpuBackend<'a> {
     k_cache: Vec<wgpu::Buffer>,
     v_cache: Vec<wgpu::Buffer>,
     dummy: wgpu::Buffer,
+    /// [`Buf::Counters`]: zero, and left zero by every kernel using them.
+    counters: wgpu::Buffer,
     buckets: Vec<BucketState>,
     pos: usize,
     n_ctx: usize,
@@ -405,6 +407,15 @@ impl<'a> GpuBackend<'a> {
             k_cache,
             v_cache,
             dummy: zeros(4, "dummy"),
+            counters: zeros(
+                buckets
+                    .iter()
+                    .map(|b| b.plan.counters as usize)
+                    .max()
+                    .unwrap_or(0)
+                    .max(1),
+                "block counters",
+            ),
             chain_sync: zeros(
                 buckets[0]
                     .chains
@@ -678,6 +689,7 @@ impl<'a> GpuBackend<'a> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
+            counters: &self.counters,
         };
         for (l, slot) in st.plan.launches.iter().zip(&slots) {
             bound.push(match (l, slot) {
@@ -785,6 +797,7 @@ struct Bufs<'b> {
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
     dummy: &'b wgpu::Buffer,
+    counters: &'b wgpu::Buffer,
 }
 
 impl<'b> Bufs<'b> {
@@ -805,7 +818,7 @@ impl<'b> Bufs<'b> {
             return Ok((arena, *off, Some(size.div_ceil(16) * 16)));
         }
         Ok((
-            resolve(b, self.weights, self.k, self.v, self.dummy)?,
+            resolve(b, self.weights, self.k, self.v, [self.dummy, self.counters])?,
             0,
             None,
         ))
@@ -827,7 +840,7 @@ fn resolve<'b>(
     weights: &'b [WeightBufs],
     k: &'b [wgpu::Buffer],
     v: &'b [wgpu::Buffer],
-    dummy: &'b wgpu::Buffer,
+    [dummy, counters]: [&'b wgpu::Buffer; 2],
 ) -> Result<&'b wgpu::Buffer> {
     let missing = || Error::Gpu(format!("plan refers to a buffer that was not made: {b:?}"));
     match b {
@@ -843,6 +856,7 @@ fn resolve<'b>(
         Buf::KCache(c) => k.get(*c).ok_or_else(missing),
         Buf::VCache(c) => v.get(*c).ok_or_else(missing),
         Buf::Dummy => Ok(dummy),
+        Buf::Counters => Ok(counters),
         Buf::Unbound => Err(missing()),
     }
 }
@@ -1142,6 +1156,7 @@ impl GpuBackend<'_> {
             k: &self.k_cache,
             v: &self.v_cache,
             dummy: &self.dummy,
+            counters: &self.counters,
         };
         let (tok_buf, tok_off, _) = bufs.get(&Buf::Value(st.plan.value_buf[g.tokens]))?;
         if let StepInput::Tokens(tokens) = input {

@@ -208,9 +208,29 @@ pub struct FuseOptions {
     /// one dispatch ([`crate::codegen::chain`]; 0 or 1: every launch its
     /// own dispatch). None: the `KILN_CHAIN` environment variable's, else 0.
     pub chain: Option<usize>,
+    /// A matmul that quantizes its own output (the `quantize` pass) keeps
+    /// a plain matmul's workgroups, and the last workgroup of each 32-row
+    /// block quantizes it (matmul_vec QLAST), instead of workgroups that
+    /// own whole blocks; and then pairs of any dtype quantize their
+    /// output. None: `KILN_QLAST=1` turns it on, else off.
+    pub qout_last: Option<bool>,
 }
 
 impl FuseOptions {
+    /// Whether QLAST is asked for (`qout_last`, else `KILN_QLAST`).
+    pub fn qout_last_on(&self) -> Result<bool, crate::error::Error> {
+        match self.qout_last {
+            Some(on) => Ok(on),
+            None => match std::env::var("KILN_QLAST").as_deref() {
+                Ok("1") => Ok(true),
+                Ok("0") | Err(_) => Ok(false),
+                Ok(v) => Err(crate::error::Error::Input(format!(
+                    "KILN_QLAST={v}: give 1 (on) or 0 (off)"
+                ))),
+            },
+        }
+    }
+
     /// The chain length asked for (`chain`, else `KILN_CHAIN`, else 0).
     pub fn chain_limit(&self) -> Result<usize, crate::error::Error> {
         match self.chain {
@@ -254,6 +274,7 @@ impl FuseOptions {
             merge_int8_apart: false,
             knob_pins: None,
             chain: Some(0),
+            qout_last: None,
         }
     }
 }

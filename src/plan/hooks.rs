@@ -236,6 +236,14 @@ pub(crate) fn plan_matvec(
         ),
         ("XQ", if int8 { "1" } else { "0" }),
         ("QOUT", if qout.is_some() { "1" } else { "0" }),
+        (
+            "QLAST",
+            if qout.is_some() && b.qout_last {
+                "1"
+            } else {
+                "0"
+            },
+        ),
     ];
     if int8 {
         if rows8 == 2 || qout.is_some() {
@@ -437,6 +445,13 @@ pub(crate) fn plan_matvec(
             let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
             if let Some(q) = qout {
                 x_fns += &qout_fns(&mut bd, q, vb(outs[0]), weights);
+                if b.qout_last {
+                    bd.add_as("qcnt", true, Buf::Counters, "atomic<u32>");
+                    let _ = write!(
+                        x_fns,
+                        "\nfn qout_stored(m: u32, n: u32) -> f32 {{\n    return {name}[m * p.ldy + p.n_offset + n];\n}}\n"
+                    );
+                }
             }
         } else {
             // Each sibling's output, after its own epilogue.
@@ -509,7 +524,7 @@ pub(crate) fn plan_matvec(
             |kn| {
                 let r = knob(kn, "ROWS", 1) as usize;
                 let mut total = na.div_ceil(r) + nbr.div_ceil(r) + nc.div_ceil(r);
-                if knob(kn, "QOUT", 0) == 1 {
+                if knob(kn, "QOUT", 0) == 1 && knob(kn, "QLAST", 0) == 0 {
                     // A workgroup per 32-row block.
                     total = na / 32;
                 }
@@ -520,6 +535,11 @@ pub(crate) fn plan_matvec(
                 }
             },
         )?;
+        if qout.is_some() && b.qout_last {
+            // A counter per 32-row block (the quantize pass plans decode
+            // steps only: one token row).
+            b.counters = b.counters.max(na as u64 / 32);
+        }
     }
     Ok(())
 }
@@ -571,7 +591,7 @@ fn int8_shape(
     // a Q6_KX V still gains from two (306 -> 281 µs).
     let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
     let rows = if dts.iter().any(q6) { 2 } else { 4 };
-    if !qout {
+    if !qout || b.qout_last {
         return (wg, rows);
     }
     let (team, rows) = balanced_team(k / piece, wg, rows);
@@ -759,7 +779,7 @@ pub(crate) fn plan_producer_quantize(
                 && single
                 && outs.len() == 1
                 && rows.is_multiple_of(32)
-                && (b.quantize_every_dtype || quantize_pays(g, &ws))
+                && (b.quantize_every_dtype || b.qout_last || quantize_pays(g, &ws))
             {
                 maker.insert(outs[0], (i, rows));
             }

@@ -112,6 +112,9 @@ pub enum Buf {
     VCache(usize),
     /// A 4-byte placeholder for an absent optional input.
     Dummy,
+    /// [`Plan::counters`] u32 words, zero before every launch that binds
+    /// them: each such kernel leaves them zero (matmul_vec QLAST).
+    Counters,
     /// A binding number the kernel does not declare (skipped).
     Unbound,
 }
@@ -243,6 +246,9 @@ pub struct Plan {
     /// decode only; 0: none).
     #[serde(default)]
     pub chain: usize,
+    /// Words of [`Buf::Counters`] the launches need.
+    #[serde(default)]
+    pub counters: u64,
 }
 
 impl Plan {
@@ -498,6 +504,10 @@ pub(crate) struct Builder {
     pub(crate) quantize_every_dtype: bool,
     /// [`FuseOptions::merge_int8_apart`].
     pub(crate) merge_int8_apart: bool,
+    /// [`FuseOptions::qout_last`].
+    pub(crate) qout_last: bool,
+    /// Words of [`Buf::Counters`] the launches so far need.
+    pub(crate) counters: u64,
     /// The knob pins, resolved ([`resolve_pins`]).
     knob_pins: Option<String>,
     /// Per-token f32 elements stored after a value's own (see [`Plan::extra`]).
@@ -666,6 +676,8 @@ pub fn plan_with(
         int8_input_over_k: opts.int8_over_k(),
         quantize_every_dtype: opts.quantize_every_dtype,
         merge_int8_apart: opts.merge_int8_apart,
+        qout_last: opts.qout_last_on()?,
+        counters: 0,
         knob_pins: resolve_pins(opts.knob_pins.as_deref())?,
         extra: Vec::new(),
         templates,
@@ -760,6 +772,7 @@ pub fn plan_with(
         made,
         groups,
         extra,
+        counters: b.counters,
         chain: if bucket == Bucket::One {
             opts.chain_limit()?
         } else {

@@ -120,7 +120,7 @@ fn check(g: &BoundGraph, p: &Plan) -> std::result::Result<(), String> {
             .is_some_and(|w| *chunk < w.chunks.len()),
         Buf::F32(w) => *w < g.weights.len(),
         Buf::KCache(c) | Buf::VCache(c) => *c < g.caches.len(),
-        Buf::Dummy | Buf::Unbound => true,
+        Buf::Dummy | Buf::Counters | Buf::Unbound => true,
     };
     for l in &p.launches {
         match l {
