@@ -1276,6 +1276,7 @@ mod tests {
                 ("NORM", "0".into()),
                 ("XQ", "1".into()),
                 ("QOUT", "0".into()),
+                ("QLAST", "0".into()),
             ]
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
