@@ -142,18 +142,29 @@ fn gpu_run(
         },
         "{arch} {opts:?}: {qout} kernels quantize their output"
     );
-    // With qout_last every one of them by the last workgroup of a block.
+    // With qout_last every one of them by the last workgroup of a block,
+    // but those merging a split attention into a staged row (their
+    // workgroups as wide as block-owning ones anyway).
     let last = gpu.plans()[0]
         .kernels
         .iter()
         .filter(|k| k.knobs.get("QLAST").is_some_and(|v| v == "1"))
         .count();
+    let staged = gpu.plans()[0]
+        .kernels
+        .iter()
+        .filter(|k| {
+            k.knobs.get("QOUT").is_some_and(|v| v == "1")
+                && k.knobs.get("XS").is_some_and(|v| v != "0")
+        })
+        .count();
     let on = opts.qout_last == Some(true);
     assert_eq!(
         last,
-        if on { qout } else { 0 },
+        if on { qout - staged } else { 0 },
         "{arch} {opts:?}: QLAST kernels"
     );
+    assert!(!on || last > 0, "{arch} {opts:?}: no QLAST kernel");
     if opts.stage_up_to_k == Some(0) && opts.f32_activations {
         let scaled = gpu.plans()[0]
             .groups

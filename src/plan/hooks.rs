@@ -194,6 +194,8 @@ pub(crate) fn plan_matvec(
         && stage.is_some()
         && int8_shape(true).0 as usize >= k / 4;
     let (wg8, rows8) = int8_shape(merge_staged);
+    // The output quantized by the last workgroup of each block (QLAST).
+    let qlast = qout.is_some() && b.qout_last && !merge_staged;
     let xs = if merge_staged {
         stage.unwrap_or(0)
     } else if int8 || ((m.prologue.is_empty() || m.scaled) && m.merge.is_none()) {
@@ -236,14 +238,7 @@ pub(crate) fn plan_matvec(
         ),
         ("XQ", if int8 { "1" } else { "0" }),
         ("QOUT", if qout.is_some() { "1" } else { "0" }),
-        (
-            "QLAST",
-            if qout.is_some() && b.qout_last {
-                "1"
-            } else {
-                "0"
-            },
-        ),
+        ("QLAST", if qlast { "1" } else { "0" }),
     ];
     if int8 {
         if rows8 == 2 || qout.is_some() {
@@ -445,7 +440,7 @@ pub(crate) fn plan_matvec(
             let _ = writeln!(st, "    {name}[m * p.ldy + p.n_offset + n] = v;");
             if let Some(q) = qout {
                 x_fns += &qout_fns(&mut bd, q, vb(outs[0]), weights);
-                if b.qout_last {
+                if qlast {
                     bd.add_as("qcnt", true, Buf::Counters, "atomic<u32>");
                     let _ = write!(
                         x_fns,
@@ -535,7 +530,7 @@ pub(crate) fn plan_matvec(
                 }
             },
         )?;
-        if qout.is_some() && b.qout_last {
+        if qlast {
             // A counter per 32-row block (the quantize pass plans decode
             // steps only: one token row).
             b.counters = b.counters.max(na as u64 / 32);
@@ -591,7 +586,9 @@ fn int8_shape(
     // a Q6_KX V still gains from two (306 -> 281 µs).
     let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
     let rows = if dts.iter().any(q6) { 2 } else { 4 };
-    if !qout || b.qout_last {
+    // (QLAST keeps these; not where the prologue stages a merged row,
+    // which needs a workgroup as wide as a block-owning one.)
+    if !qout || (b.qout_last && stage == 0) {
         return (wg, rows);
     }
     let (team, rows) = balanced_team(k / piece, wg, rows);
