@@ -244,13 +244,7 @@ fn rewrite(src: &str, prefix: &str, base: u32) -> Result<Rewritten, String> {
             }
             let (a, z) = (toks[sig[s]].1, toks[sig[e.min(sig.len() - 1)]].2);
             directives.push(src[a..z].to_string());
-            for d in drop
-                .iter_mut()
-                .take(sig[e.min(sig.len() - 1)] + 1)
-                .skip(sig[s])
-            {
-                *d = true;
-            }
+            drop_span(&mut drop, &sig, s, e);
             s = e + 1;
             continue;
         }
@@ -284,13 +278,7 @@ fn rewrite(src: &str, prefix: &str, base: u32) -> Result<Rewritten, String> {
                     let name = sig.get(e + 1).map(|&j| text(j)).unwrap_or("");
                     params.push((name.to_string(), which.to_string()));
                 }
-                for d in drop
-                    .iter_mut()
-                    .take(sig[e.min(sig.len() - 1)] + 1)
-                    .skip(sig[s])
-                {
-                    *d = true;
-                }
+                drop_span(&mut drop, &sig, s, e);
                 s = e + 1;
                 continue;
             }
@@ -338,6 +326,16 @@ fn rewrite(src: &str, prefix: &str, base: u32) -> Result<Rewritten, String> {
         directives,
         params,
     })
+}
+
+/// Mark every token from significant token `s` to significant token `e`
+/// (the last one where `e` runs past the end) dropped, trivia between
+/// included.
+fn drop_span(drop: &mut [bool], sig: &[usize], s: usize, e: usize) {
+    let last = sig[e.min(sig.len() - 1)];
+    for d in drop.iter_mut().take(last + 1).skip(sig[s]) {
+        *d = true;
+    }
 }
 
 /// Whether `out` ends in `@binding(` (whitespace aside).
