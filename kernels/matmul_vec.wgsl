@@ -538,8 +538,9 @@ fn main(
         nseg = p.nb;
     }
 #endif
-#if QOUT == 0
-    // (QOUT: every team has rows, the dispatch covering whole blocks.)
+#if QOUT == 0 || QLAST
+    // (QOUT: every team has rows, the dispatch covering whole blocks.
+    // QLAST: only workgroups the dispatch's spread over x and y adds.)
     if n0 >= nseg {
         return;
     }

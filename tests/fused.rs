@@ -164,7 +164,6 @@ fn gpu_run(
         if on { qout - staged } else { 0 },
         "{arch} {opts:?}: QLAST kernels"
     );
-    assert!(!on || last > 0, "{arch} {opts:?}: no QLAST kernel");
     if opts.stage_up_to_k == Some(0) && opts.f32_activations {
         let scaled = gpu.plans()[0]
             .groups

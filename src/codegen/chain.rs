@@ -22,8 +22,9 @@
 //!   desktop GPUs and of lavapipe; WebGPU does not promise it).
 //!   `storageBarrier` orders the stage's writes before its count and the
 //!   next stage's reads after its wait (device-scope acquire/release in
-//!   naga's SPIR-V). The last workgroup of the last stage zeroes the
-//!   counters for the next dispatch.
+//!   naga's SPIR-V, so Vulkan only: Metal's device barrier does not order
+//!   memory between workgroups). The last workgroup of the last stage
+//!   zeroes the counters for the next dispatch.
 //!
 //! Waiting on the counter of stage i - 1 alone is enough for any earlier
 //! stage too: stage i - 1 started its work only once stage i - 2 was done.
@@ -242,7 +243,8 @@ fn rewrite(src: &str, prefix: &str, base: u32) -> Result<Rewritten, String> {
             while e < sig.len() && text(sig[e]) != ";" {
                 e += 1;
             }
-            let (a, z) = (toks[sig[s]].1, toks[sig[e.min(sig.len() - 1)]].2);
+            // (Without its `;`: the chain writes one after each.)
+            let (a, z) = (toks[sig[s]].1, toks[sig[e.saturating_sub(1).max(s)]].2);
             directives.push(src[a..z].to_string());
             drop_span(&mut drop, &sig, s, e);
             s = e + 1;
@@ -304,7 +306,12 @@ fn rewrite(src: &str, prefix: &str, base: u32) -> Result<Rewritten, String> {
             prev_sig = Some(t);
             continue;
         }
-        if kind == Tok::Ident && names.contains(t) && prev_sig != Some(".") && !is_struct_member {
+        // (Not a member access, a member declaration or an attribute name.)
+        if kind == Tok::Ident
+            && names.contains(t)
+            && !matches!(prev_sig, Some(".") | Some("@"))
+            && !is_struct_member
+        {
             body.push_str(prefix);
             body.push_str(t);
         } else if kind == Tok::Number && prev_sig == Some("(") && binding_attr(&body) {
@@ -550,6 +557,40 @@ mod tests {
         assert_eq!(size, [64, 1, 1]);
         // Two stages' `red` and the ticket.
         assert_eq!(bytes, 2 * 256 + 16);
+    }
+
+    /// Several directives (each kept once, each with one `;`) and a module
+    /// name that is also an attribute's (not renamed after `@`).
+    #[test]
+    fn directives_and_attribute_names_survive() {
+        let src = A
+            .replace(
+                "enable f16;\n",
+                "enable f16;\ndiagnostic(off, derivative_uniformity);\n",
+            )
+            .replace(
+                "const WG: u32 = 64u;",
+                "const WG: u32 = 64u;\nconst size: u32 = 4u;",
+            );
+        let st = Stage {
+            wgsl: &src,
+            bindings: 2,
+        };
+        let c = chain(&[st, st], 64).unwrap();
+        let w = &c.wgsl;
+        assert_eq!(
+            w.matches("diagnostic(off, derivative_uniformity);").count(),
+            1,
+            "{w}"
+        );
+        assert!(w.contains("const s1_size: u32 = 4u;"), "{w}");
+        let caps = crate::codegen::Caps {
+            f16: true,
+            subgroups: true,
+            max_invocations: 1024,
+            max_wg_storage: 1 << 16,
+        };
+        crate::codegen::validate(w, &caps).unwrap_or_else(|e| panic!("{e}\n{w}"));
     }
 
     /// A builtin the chain cannot provide is refused by name.

@@ -463,7 +463,14 @@ impl<'a> GpuBackend<'a> {
     /// Kernel dispatches per step in the decode bucket.
     pub fn dispatches_per_decode_step(&self) -> usize {
         let st = &self.buckets[0];
-        st.plan.dispatches() - st.chains.iter().map(|c| c.len - 1).sum::<usize>()
+        // (Chains are bound at the first decode step; one that could not be
+        // bound runs its launches one by one.)
+        st.plan.dispatches()
+            - st.chains
+                .iter()
+                .filter(|c| c.bind.is_some())
+                .map(|c| c.len - 1)
+                .sum::<usize>()
     }
 
     /// Run one decode step with GPU timestamps between its dispatches:

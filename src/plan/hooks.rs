@@ -531,9 +531,9 @@ pub(crate) fn plan_matvec(
             },
         )?;
         if qlast {
-            // A counter per 32-row block (the quantize pass plans decode
-            // steps only: one token row).
-            b.counters = b.counters.max(na as u64 / 32);
+            // A counter per 32-row block and token row (the quantize pass
+            // plans decode steps only: one row).
+            b.counters = b.counters.max(rows_m.at(1, 0).max(1) * na as u64 / 32);
         }
     }
     Ok(())
