@@ -710,26 +710,16 @@ impl<'a> GpuBackend<'a> {
                     Some(slot),
                 ) => {
                     let mut entries: Vec<wgpu::BindGroupEntry> = Vec::new();
-                    for (i, bnd) in binds.iter().enumerate() {
-                        if *bnd == Buf::Unbound {
-                            continue;
-                        }
-                        entries.push(wgpu::BindGroupEntry {
-                            binding: i as u32,
-                            resource: bufs.binding(bnd)?,
-                        });
-                    }
-                    entries.push(wgpu::BindGroupEntry {
-                        binding: binds.len() as u32,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: &ubuf,
-                            offset: (*slot * 4) as u64,
-                            // The whole slot: a template's Params may pad past its words.
-                            size: wgpu::BufferSize::new(
-                                (params.len().max(4).div_ceil(align) * align * 4) as u64,
-                            ),
-                        }),
-                    });
+                    launch_entries(
+                        &mut entries,
+                        0,
+                        binds,
+                        &bufs,
+                        &ubuf,
+                        *slot,
+                        params.len(),
+                        align,
+                    )?;
                     let k = &st.kernels[*kernel];
                     let bg = self
                         .ctx
@@ -1014,6 +1004,40 @@ fn plan_chains(
     Ok((chains, chain_kernels))
 }
 
+/// A launch's bind group entries, at bindings `base`, `base + 1`, ...: its
+/// buffers (`binds`, skipping unbound ones), then its uniform words at word
+/// `slot` of `ubuf` (the whole aligned slot: a template's Params may pad
+/// past its `n_params` words).
+#[allow(clippy::too_many_arguments)]
+fn launch_entries<'b>(
+    entries: &mut Vec<wgpu::BindGroupEntry<'b>>,
+    base: u32,
+    binds: &[Buf],
+    bufs: &Bufs<'b>,
+    ubuf: &'b wgpu::Buffer,
+    slot: usize,
+    n_params: usize,
+    align: usize,
+) -> Result<()> {
+    for (i, bnd) in binds.iter().enumerate() {
+        if *bnd != Buf::Unbound {
+            entries.push(wgpu::BindGroupEntry {
+                binding: base + i as u32,
+                resource: bufs.binding(bnd)?,
+            });
+        }
+    }
+    entries.push(wgpu::BindGroupEntry {
+        binding: base + binds.len() as u32,
+        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: ubuf,
+            offset: (slot * 4) as u64,
+            size: wgpu::BufferSize::new((n_params.max(4).div_ceil(align) * align * 4) as u64),
+        }),
+    });
+    Ok(())
+}
+
 /// The bind group of chain `c`: each stage's buffers and uniform slot at
 /// its bindings moved up past the stages before it, then the counters and
 /// the stage grids. None where one buffer would be bound both read-only and
@@ -1051,36 +1075,27 @@ fn bind_chain(
             if *bnd == Buf::Unbound {
                 continue;
             }
-            let (buffer, offset, size) = bufs.get(bnd)?;
+            let ptr = bufs.get(bnd)?.0 as *const wgpu::Buffer;
             let writable = shapes[*kernel]
                 .storage
                 .iter()
                 .find(|s| s.0 == i as u32)
                 .is_none_or(|s| s.1);
-            let ptr = buffer as *const wgpu::Buffer;
             if access.iter().any(|a| a.0 == ptr && a.1 != writable) {
                 return Ok(None);
             }
             access.push((ptr, writable));
-            entries.push(wgpu::BindGroupEntry {
-                binding: base + i as u32,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer,
-                    offset,
-                    size: size.and_then(wgpu::BufferSize::new),
-                }),
-            });
         }
-        entries.push(wgpu::BindGroupEntry {
-            binding: base + binds.len() as u32,
-            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: ubuf,
-                offset: (slot * 4) as u64,
-                size: wgpu::BufferSize::new(
-                    (params.len().max(4).div_ceil(align) * align * 4) as u64,
-                ),
-            }),
-        });
+        launch_entries(
+            &mut entries,
+            base,
+            binds,
+            bufs,
+            ubuf,
+            slot,
+            params.len(),
+            align,
+        )?;
         base += binds.len() as u32 + 1;
     }
     entries.push(wgpu::BindGroupEntry {
@@ -1189,14 +1204,11 @@ impl GpuBackend<'_> {
             let mut end = 0u32;
             for j in 0..c.len {
                 let (count, z) = match &st.plan.launches[c.first + j] {
-                    Launch::Kernel {
-                        groups: Groups::Linear { n, div, z },
-                        ..
-                    } => (
-                        n.at(t, pos0).div_ceil((*div).max(1)) as u32,
-                        z.at(t, pos0) as u32,
-                    ),
-                    _ => (0, 0),
+                    Launch::Kernel { groups, .. } => {
+                        let (count, z) = groups.at(t, pos0);
+                        (count as u32, z as u32)
+                    }
+                    Launch::Copy { .. } => (0, 0),
                 };
                 end += count * z;
                 c.live &= count * z > 0;
@@ -1257,14 +1269,7 @@ impl GpuBackend<'_> {
                         skip_until = li + c.len;
                         continue;
                     }
-                    let (count, z) = match groups {
-                        Groups::Linear { n, div, z } => {
-                            (n.at(t, pos0).div_ceil((*div).max(1)), z.at(t, pos0))
-                        }
-                        Groups::Tiles { tiles_n, m, tm } => {
-                            (tiles_n * m.at(t, pos0).div_ceil((*tm).max(1)), 1)
-                        }
-                    };
+                    let (count, z) = groups.at(t, pos0);
                     if count == 0 || z == 0 {
                         continue;
                     }

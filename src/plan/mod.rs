@@ -92,6 +92,17 @@ pub enum Groups {
     },
 }
 
+impl Groups {
+    /// Workgroups (spread over x and y) and the z count for `t` tokens
+    /// from position `pos0`.
+    pub fn at(&self, t: usize, pos0: usize) -> (u64, u64) {
+        match self {
+            Groups::Linear { n, div, z } => (n.at(t, pos0).div_ceil((*div).max(1)), z.at(t, pos0)),
+            Groups::Tiles { tiles_n, m, tm } => (tiles_n * m.at(t, pos0).div_ceil((*tm).max(1)), 1),
+        }
+    }
+}
+
 /// A buffer a launch reads or writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Buf {
