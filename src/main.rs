@@ -84,12 +84,6 @@ struct ModelArgs {
     /// llama.cpp does.
     #[arg(long)]
     f32_activations: bool,
-    /// Run up to N consecutive decode kernels as the stages of one dispatch
-    /// (workgroups hand over through counters in memory instead of a
-    /// barrier between dispatches; kernels of one workgroup size only).
-    /// Default: $KILN_CHAIN, else 0 (off).
-    #[arg(long, value_name = "N")]
-    chain: Option<usize>,
 }
 
 impl ModelArgs {
@@ -98,7 +92,6 @@ impl ModelArgs {
         Ok(kiln::plan::FuseOptions {
             disabled: self.no_fuse.clone(),
             f32_activations: self.f32_activations,
-            chain: self.chain,
             ..Default::default()
         })
     }
@@ -185,12 +178,10 @@ enum Cmd {
         #[arg(long, conflicts_with = "tries")]
         stream: Option<PathBuf>,
         /// Also time the decode with these knob pins (`KILN_KNOBS` syntax,
-        /// e.g. `matmul_vec.WG=64,ROWS=2`; `chain=N` for --chain N,
-        /// `splits=N` for N splits of every decode attention, `qlast=1`
-        /// for matmuls quantizing their output by the last workgroup of
-        /// each block; repeatable):
-        /// each is planned and
-        /// loaded beside the default, and the decode timings of all run
+        /// e.g. `matmul_vec.WG=64,ROWS=2`; `splits=N` for N splits of
+        /// every decode attention, `qlast=1` for matmuls quantizing their
+        /// output by the last workgroup of each block; repeatable): each
+        /// is planned and loaded beside the default, and the decode timings of all run
         /// interleaved, --rounds times, in this one process.
         #[arg(long = "try", value_name = "PINS")]
         tries: Vec<String>,
@@ -689,10 +680,10 @@ fn inspect(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The plan options of a `--try`: knob pins, where an item `chain=N`
-/// sets the chain length, `splits=N` every decode attention's split
-/// count and `qlast=1` [`kiln::plan::FuseOptions::qout_last`] instead
-/// (`matmul_vec.WG=256,chain=8`).
+/// The plan options of a `--try`: knob pins, where an item `splits=N`
+/// sets every decode attention's split count and `qlast=1`
+/// [`kiln::plan::FuseOptions::qout_last`] instead
+/// (`matmul_vec.WG=256,splits=4`).
 fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
     let mut opts = m.fusion()?;
     let mut pins = Vec::new();
@@ -702,9 +693,7 @@ fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
     };
     for item in spec.split(',') {
         let item = item.trim();
-        if let Some(n) = item.strip_prefix("chain=") {
-            opts.chain = Some(number(n, "launches")?);
-        } else if let Some(v) = item.strip_prefix("qlast=") {
+        if let Some(v) = item.strip_prefix("qlast=") {
             opts.qout_last = Some(match v {
                 "1" => true,
                 "0" => false,

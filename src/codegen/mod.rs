@@ -30,8 +30,6 @@
 //! A knob value the adapter or the forced feature set cannot run is never
 //! generated ([`Template::variants`]).
 
-pub mod chain;
-
 use std::collections::BTreeMap;
 use std::fmt;
 

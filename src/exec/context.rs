@@ -218,8 +218,6 @@ pub struct KilnLimits {
     pub max_storage_buffers_per_shader_stage: u32,
     /// Uniform buffers one shader may bind.
     pub max_uniform_buffers_per_shader_stage: u32,
-    /// Storage and uniform buffers one shader may bind together.
-    pub max_buffers_per_shader_stage: u32,
     /// Bindings in one bind group.
     pub max_bindings_per_bind_group: u32,
     /// Bind groups per pipeline.
@@ -245,8 +243,6 @@ impl KilnLimits {
             max_compute_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_shader_stage: l.max_storage_buffers_per_shader_stage,
             max_uniform_buffers_per_shader_stage: l.max_uniform_buffers_per_shader_stage,
-            max_buffers_per_shader_stage: l
-                .max_buffers_and_acceleration_structures_per_shader_stage,
             max_bindings_per_bind_group: l.max_bindings_per_bind_group,
             max_bind_groups: l.max_bind_groups,
             min_storage_buffer_offset_alignment: l.min_storage_buffer_offset_alignment,
@@ -271,8 +267,6 @@ impl KilnLimits {
             max_compute_workgroups_per_dimension: k.max_compute_workgroups_per_dimension,
             max_storage_buffers_per_shader_stage: k.max_storage_buffers_per_shader_stage,
             max_uniform_buffers_per_shader_stage: k.max_uniform_buffers_per_shader_stage,
-            max_buffers_and_acceleration_structures_per_shader_stage: k
-                .max_buffers_per_shader_stage,
             max_bindings_per_bind_group: k.max_bindings_per_bind_group,
             max_bind_groups: k.max_bind_groups,
             min_storage_buffer_offset_alignment: k.min_storage_buffer_offset_alignment,

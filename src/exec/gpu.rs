@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::graph::ir::{BoundGraph, Dim, Kind};
 use crate::model::dequant::dequantize;
 use crate::model::gguf::Gguf;
-use crate::plan::{self, Bucket, Buf, Groups, Launch, Plan, Word};
+use crate::plan::{self, Bucket, Buf, Launch, Plan, Word};
 use crate::reference::Logits;
 
 struct WeightBufs {
@@ -58,40 +58,6 @@ struct BucketState {
     words: Vec<u32>,
     /// The greedy argmax over the decode logits (decode bucket only).
     greedy: Option<wgpu::BindGroup>,
-    /// Per plan kernel: what a chain needs to know of it.
-    shapes: Vec<KernelShape>,
-    /// Runs of launches dispatched as one chained kernel (decode only,
-    /// `KILN_CHAIN`), in launch order.
-    chains: Vec<Chain>,
-    /// The chained kernels, each once (runs of the same kernels share one).
-    chain_kernels: Vec<Kernel>,
-    /// Per launch: the chain that starts there.
-    chain_at: Vec<Option<usize>>,
-}
-
-/// What [`crate::codegen::chain`] needs of a kernel, from its WGSL.
-struct KernelShape {
-    /// 1-D workgroup size (0: not 1-D, never chained).
-    wg: u32,
-    /// Workgroup memory, bytes.
-    wg_bytes: u32,
-    /// Storage bindings it declares, and which of them are writable.
-    storage: Vec<(u32, bool)>,
-}
-
-/// Launches `first .. first + len` of a bucket run as the stages of one
-/// dispatch of `kernel` (an index into `chain_kernels`).
-struct Chain {
-    first: usize,
-    len: usize,
-    kernel: usize,
-    /// Word of the stage grids (4 a stage) in the step's uniform words.
-    slot: usize,
-    /// None where the stages bind one buffer both read-only and writable
-    /// (wgpu refuses that in one dispatch): the launches then run one by one.
-    bind: Option<wgpu::BindGroup>,
-    /// Whether this step runs it chained (every stage has workgroups).
-    live: bool,
 }
 
 /// Runs a bound graph on the GPU.
@@ -119,9 +85,6 @@ pub struct GpuBackend<'a> {
     /// Give every value its own bytes (no reuse), so that any value can be
     /// read back after a step (`--verify-replay`).
     keep_values: bool,
-    /// The chains' counters (see [`crate::codegen::chain`]); every chain
-    /// leaves them zero, so all share them.
-    chain_sync: wgpu::Buffer,
     /// Greedy decode: argmax of the logits row on the GPU.
     argmax: Kernel,
     argmax_out: wgpu::Buffer,
@@ -285,7 +248,6 @@ impl<'a> GpuBackend<'a> {
         let mut buckets = Vec::new();
         for p in plans {
             let mut kernels = Vec::new();
-            let mut shapes = Vec::new();
             for k in &p.kernels {
                 let t =
                     crate::codegen::template(&k.template).map_err(|e| Error::Gpu(e.to_string()))?;
@@ -298,27 +260,10 @@ impl<'a> GpuBackend<'a> {
                         k.name()
                     )));
                 }
-                let wgsl = k.build(&caps)?;
-                if p.chain > 1 {
-                    shapes.push(kernel_shape(&wgsl, &caps)?);
-                }
-                kernels.push(Kernel::from_wgsl(ctx, &k.name(), wgsl));
+                kernels.push(Kernel::from_wgsl(ctx, &k.name(), k.build(&caps)?));
                 created(2);
             }
-            let (chains, chain_kernels) = if shapes.is_empty() {
-                (Vec::new(), Vec::new())
-            } else {
-                plan_chains(ctx, &p, &kernels, &shapes)?
-            };
-            let mut chain_at = vec![None; p.launches.len()];
-            for (i, c) in chains.iter().enumerate() {
-                chain_at[c.first] = Some(i);
-            }
             buckets.push(BucketState {
-                shapes,
-                chains,
-                chain_kernels,
-                chain_at,
                 bound: Vec::new(),
                 plan: p,
                 kernels,
@@ -416,15 +361,6 @@ impl<'a> GpuBackend<'a> {
                     .max(1),
                 "block counters",
             ),
-            chain_sync: zeros(
-                buckets[0]
-                    .chains
-                    .iter()
-                    .map(|c| c.len + 1)
-                    .max()
-                    .unwrap_or(1),
-                "chain counters",
-            ),
             buckets,
             pos: 0,
             n_ctx,
@@ -462,15 +398,7 @@ impl<'a> GpuBackend<'a> {
 
     /// Kernel dispatches per step in the decode bucket.
     pub fn dispatches_per_decode_step(&self) -> usize {
-        let st = &self.buckets[0];
-        // (Chains are bound at the first decode step; one that could not be
-        // bound runs its launches one by one.)
-        st.plan.dispatches()
-            - st.chains
-                .iter()
-                .filter(|c| c.bind.is_some())
-                .map(|c| c.len - 1)
-                .sum::<usize>()
+        self.buckets[0].plan.dispatches()
     }
 
     /// Run one decode step with GPU timestamps between its dispatches:
@@ -677,10 +605,6 @@ impl<'a> GpuBackend<'a> {
                 slots.push(None);
             }
         }
-        for c in &mut st.chains {
-            c.slot = total;
-            total += (4 * c.len).div_ceil(align) * align;
-        }
         let ubuf = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("launch uniforms"),
             size: (total.max(align) * 4) as u64,
@@ -710,16 +634,26 @@ impl<'a> GpuBackend<'a> {
                     Some(slot),
                 ) => {
                     let mut entries: Vec<wgpu::BindGroupEntry> = Vec::new();
-                    launch_entries(
-                        &mut entries,
-                        0,
-                        binds,
-                        &bufs,
-                        &ubuf,
-                        *slot,
-                        params.len(),
-                        align,
-                    )?;
+                    for (i, bnd) in binds.iter().enumerate() {
+                        if *bnd == Buf::Unbound {
+                            continue;
+                        }
+                        entries.push(wgpu::BindGroupEntry {
+                            binding: i as u32,
+                            resource: bufs.binding(bnd)?,
+                        });
+                    }
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: binds.len() as u32,
+                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                            buffer: &ubuf,
+                            offset: (*slot * 4) as u64,
+                            // The whole slot: a template's Params may pad past its words.
+                            size: wgpu::BufferSize::new(
+                                (params.len().max(4).div_ceil(align) * align * 4) as u64,
+                            ),
+                        }),
+                    });
                     let k = &st.kernels[*kernel];
                     let bg = self
                         .ctx
@@ -734,23 +668,6 @@ impl<'a> GpuBackend<'a> {
                 }
                 _ => None,
             });
-        }
-        for c in &mut st.chains {
-            c.bind = bind_chain(
-                self.ctx,
-                c,
-                &st.plan,
-                &st.shapes,
-                &slots,
-                &bufs,
-                &ubuf,
-                align,
-                &self.chain_sync,
-                &st.chain_kernels[c.kernel],
-            )?;
-            if c.bind.is_some() {
-                created(1);
-            }
         }
         st.bound = bound;
         st.uniforms = Some(ubuf);
@@ -858,267 +775,6 @@ fn resolve<'b>(
     }
 }
 
-/// A kernel's workgroup size, workgroup memory and storage bindings.
-fn kernel_shape(wgsl: &str, caps: &crate::codegen::Caps) -> Result<KernelShape> {
-    let module = crate::codegen::validate(wgsl, caps).map_err(Error::Gpu)?;
-    let (size, wg_bytes) = crate::codegen::chain::stage_shape(&module).map_err(Error::Gpu)?;
-    let storage = module
-        .global_variables
-        .iter()
-        .filter_map(|(_, v)| match (v.space, &v.binding) {
-            (naga::AddressSpace::Storage { access }, Some(b)) => {
-                Some((b.binding, access.contains(naga::StorageAccess::STORE)))
-            }
-            _ => None,
-        })
-        .collect();
-    Ok(KernelShape {
-        wg: if size[1] == 1 && size[2] == 1 {
-            size[0]
-        } else {
-            0
-        },
-        wg_bytes,
-        storage,
-    })
-}
-
-/// Group a decode plan's launches into chains: runs of consecutive kernel
-/// launches (no copy between) of one 1-D workgroup size, at most `p.chain`
-/// long, whose workgroup memory and bindings together fit the adapter.
-fn plan_chains(
-    ctx: &GpuContext,
-    p: &Plan,
-    kernels: &[Kernel],
-    shapes: &[KernelShape],
-) -> Result<(Vec<Chain>, Vec<Kernel>)> {
-    let l = &ctx.limits;
-    let max = p.chain;
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    // (first launch, len, wg, wg bytes, bindings, storage bindings)
-    let mut cur: Option<(usize, usize, u32, u32, u32, u32)> = None;
-    for (i, launch) in p.launches.iter().enumerate() {
-        let next = match launch {
-            Launch::Kernel {
-                kernel,
-                binds,
-                groups: Groups::Linear { .. },
-                ..
-            } if shapes[*kernel].wg > 0 => {
-                let sh = &shapes[*kernel];
-                Some((
-                    sh.wg,
-                    sh.wg_bytes,
-                    binds.len() as u32 + 1,
-                    sh.storage.len() as u32,
-                ))
-            }
-            _ => None,
-        };
-        let fits = |c: &(usize, usize, u32, u32, u32, u32), n: &(u32, u32, u32, u32)| {
-            c.2 == n.0
-                && c.1 < max
-                // + the ticket
-                && c.3 + n.1 + 16 <= l.max_compute_workgroup_storage_size
-                // + the counters and the stage grids
-                && c.4 + n.2 + 2 <= l.max_bindings_per_bind_group
-                && c.5 + n.3 < l.max_storage_buffers_per_shader_stage
-                && (c.1 as u32 + 2) <= l.max_uniform_buffers_per_shader_stage
-                && c.5 + n.3 + c.1 as u32 + 3 <= l.max_buffers_per_shader_stage
-        };
-        match (&mut cur, next) {
-            (Some(c), Some(n)) if fits(c, &n) => {
-                c.1 += 1;
-                c.3 += n.1;
-                c.4 += n.2;
-                c.5 += n.3;
-                continue;
-            }
-            _ => {}
-        }
-        if let Some(c) = cur.take() {
-            if c.1 > 1 {
-                runs.push((c.0, c.1));
-            }
-        }
-        cur = next.map(|n| (i, 1, n.0, n.1, n.2, n.3));
-    }
-    if let Some(c) = cur {
-        if c.1 > 1 {
-            runs.push((c.0, c.1));
-        }
-    }
-    let caps = kernel::caps(ctx);
-    let mut chains = Vec::new();
-    let mut chain_kernels: Vec<Kernel> = Vec::new();
-    let mut seen: HashMap<Vec<usize>, usize> = HashMap::new();
-    for (first, len) in runs {
-        let ks: Vec<usize> = p.launches[first..first + len]
-            .iter()
-            .filter_map(|l| match l {
-                Launch::Kernel { kernel, .. } => Some(*kernel),
-                _ => None,
-            })
-            .collect();
-        let kernel = match seen.get(&ks) {
-            Some(&k) => k,
-            None => {
-                let stages: Vec<crate::codegen::chain::Stage> = p.launches[first..first + len]
-                    .iter()
-                    .zip(&ks)
-                    .filter_map(|(l, &k)| match l {
-                        Launch::Kernel { binds, .. } => Some(crate::codegen::chain::Stage {
-                            wgsl: &kernels[k].wgsl,
-                            bindings: binds.len() as u32 + 1,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
-                let c = crate::codegen::chain::chain(&stages, shapes[ks[0]].wg)
-                    .map_err(|e| Error::Gpu(format!("chaining launches {first}..: {e}")))?;
-                crate::codegen::validate(&c.wgsl, &caps).map_err(|e| {
-                    Error::Gpu(format!(
-                        "the chain of launches {first}.. is not valid WGSL: {e}"
-                    ))
-                })?;
-                let names: Vec<&str> = ks.iter().map(|&k| kernels[k].name.as_str()).collect();
-                chain_kernels.push(Kernel::from_wgsl(
-                    ctx,
-                    &format!("chain[{}]", names.join(" > ")),
-                    c.wgsl,
-                ));
-                created(2);
-                seen.insert(ks, chain_kernels.len() - 1);
-                chain_kernels.len() - 1
-            }
-        };
-        chains.push(Chain {
-            first,
-            len,
-            kernel,
-            slot: 0,
-            bind: None,
-            live: false,
-        });
-    }
-    Ok((chains, chain_kernels))
-}
-
-/// A launch's bind group entries, at bindings `base`, `base + 1`, ...: its
-/// buffers (`binds`, skipping unbound ones), then its uniform words at word
-/// `slot` of `ubuf` (the whole aligned slot: a template's Params may pad
-/// past its `n_params` words).
-#[allow(clippy::too_many_arguments)]
-fn launch_entries<'b>(
-    entries: &mut Vec<wgpu::BindGroupEntry<'b>>,
-    base: u32,
-    binds: &[Buf],
-    bufs: &Bufs<'b>,
-    ubuf: &'b wgpu::Buffer,
-    slot: usize,
-    n_params: usize,
-    align: usize,
-) -> Result<()> {
-    for (i, bnd) in binds.iter().enumerate() {
-        if *bnd != Buf::Unbound {
-            entries.push(wgpu::BindGroupEntry {
-                binding: base + i as u32,
-                resource: bufs.binding(bnd)?,
-            });
-        }
-    }
-    entries.push(wgpu::BindGroupEntry {
-        binding: base + binds.len() as u32,
-        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: ubuf,
-            offset: (slot * 4) as u64,
-            size: wgpu::BufferSize::new((n_params.max(4).div_ceil(align) * align * 4) as u64),
-        }),
-    });
-    Ok(())
-}
-
-/// The bind group of chain `c`: each stage's buffers and uniform slot at
-/// its bindings moved up past the stages before it, then the counters and
-/// the stage grids. None where one buffer would be bound both read-only and
-/// writable.
-#[allow(clippy::too_many_arguments)]
-fn bind_chain(
-    ctx: &GpuContext,
-    c: &Chain,
-    p: &Plan,
-    shapes: &[KernelShape],
-    slots: &[Option<usize>],
-    bufs: &Bufs,
-    ubuf: &wgpu::Buffer,
-    align: usize,
-    sync: &wgpu::Buffer,
-    k: &Kernel,
-) -> Result<Option<wgpu::BindGroup>> {
-    let mut entries: Vec<wgpu::BindGroupEntry> = Vec::new();
-    let mut access: Vec<(*const wgpu::Buffer, bool)> = Vec::new();
-    let mut base = 0u32;
-    for j in 0..c.len {
-        let (
-            Launch::Kernel {
-                kernel,
-                binds,
-                params,
-                ..
-            },
-            Some(slot),
-        ) = (&p.launches[c.first + j], slots[c.first + j])
-        else {
-            return Err(Error::Gpu("a chain stage is not a kernel launch".into()));
-        };
-        for (i, bnd) in binds.iter().enumerate() {
-            if *bnd == Buf::Unbound {
-                continue;
-            }
-            let ptr = bufs.get(bnd)?.0 as *const wgpu::Buffer;
-            let writable = shapes[*kernel]
-                .storage
-                .iter()
-                .find(|s| s.0 == i as u32)
-                .is_none_or(|s| s.1);
-            if access.iter().any(|a| a.0 == ptr && a.1 != writable) {
-                return Ok(None);
-            }
-            access.push((ptr, writable));
-        }
-        launch_entries(
-            &mut entries,
-            base,
-            binds,
-            bufs,
-            ubuf,
-            slot,
-            params.len(),
-            align,
-        )?;
-        base += binds.len() as u32 + 1;
-    }
-    entries.push(wgpu::BindGroupEntry {
-        binding: base,
-        resource: sync.as_entire_binding(),
-    });
-    entries.push(wgpu::BindGroupEntry {
-        binding: base + 1,
-        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-            buffer: ubuf,
-            offset: (c.slot * 4) as u64,
-            size: wgpu::BufferSize::new((16 * c.len) as u64),
-        }),
-    });
-    Ok(Some(ctx.device.create_bind_group(
-        &wgpu::BindGroupDescriptor {
-            label: Some(&k.name),
-            layout: &k.pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        },
-    )))
-}
-
 /// Dispatches per submitted command buffer within a step when the GPU is
 /// idle. wgpu does most of a dispatch's CPU work (~2 µs on the H200 machine)
 /// when the command buffer is finished and submitted, and the GPU starts
@@ -1196,25 +852,6 @@ impl GpuBackend<'_> {
                 }
             }
         }
-        // The chains' stage grids; a chain with an empty stage this step
-        // runs its launches one by one (its counters would not reset).
-        let profiling = self.profiling.is_some();
-        for c in &mut st.chains {
-            c.live = c.bind.is_some() && !profiling;
-            let mut end = 0u32;
-            for j in 0..c.len {
-                let (count, z) = match &st.plan.launches[c.first + j] {
-                    Launch::Kernel { groups, .. } => {
-                        let (count, z) = groups.at(t, pos0);
-                        (count as u32, z as u32)
-                    }
-                    Launch::Copy { .. } => (0, 0),
-                };
-                end += count * z;
-                c.live &= count * z > 0;
-                st.words[c.slot + 4 * j..c.slot + 4 * j + 4].copy_from_slice(&[count, 1, z, end]);
-            }
-        }
         let ubuf = st
             .uniforms
             .as_ref()
@@ -1232,11 +869,7 @@ impl GpuBackend<'_> {
         // (each command buffer and pass boundary costs the GPU ~15 µs on
         // the H200); else chunks, so that it starts early.
         let chunked = self.ahead.is_empty() && self.profiling.is_none();
-        let mut skip_until = 0;
-        for (li, (l, bound)) in st.plan.launches.iter().zip(&st.bound).enumerate() {
-            if li < skip_until {
-                continue;
-            }
+        for (l, bound) in st.plan.launches.iter().zip(&st.bound) {
             match l {
                 Launch::Kernel {
                     kernel,
@@ -1245,7 +878,6 @@ impl GpuBackend<'_> {
                     ..
                 } => {
                     let Some((_, bg)) = bound else { continue };
-                    let chain = st.chain_at[li].map(|c| &st.chains[c]).filter(|c| c.live);
                     // Submit what is recorded every SUBMIT_EVERY dispatches:
                     // the GPU starts on it while the rest is recorded.
                     if in_chunk == self.submit_every && chunked {
@@ -1258,17 +890,6 @@ impl GpuBackend<'_> {
                         in_chunk = 0;
                     }
                     in_chunk += 1;
-                    if let Some(c) = chain {
-                        let Some(cbg) = &c.bind else { continue };
-                        let total = st.words[c.slot + 4 * c.len - 1];
-                        let gr = kernel::spread(total, max_dim);
-                        let p = open_pass(&mut pass, &mut enc);
-                        p.set_pipeline(&st.chain_kernels[c.kernel].pipeline);
-                        p.set_bind_group(0, cbg, &[]);
-                        p.dispatch_workgroups(gr[0], gr[1], gr[2]);
-                        skip_until = li + c.len;
-                        continue;
-                    }
                     let (count, z) = groups.at(t, pos0);
                     if count == 0 || z == 0 {
                         continue;

@@ -204,10 +204,6 @@ pub struct FuseOptions {
     /// `KILN_KNOBS` environment variable's. `kiln bench --try` times
     /// several in one process.
     pub knob_pins: Option<String>,
-    /// Run up to this many consecutive decode launches as the stages of
-    /// one dispatch ([`crate::codegen::chain`]; 0 or 1: every launch its
-    /// own dispatch). None: the `KILN_CHAIN` environment variable's, else 0.
-    pub chain: Option<usize>,
     /// A matmul that quantizes its own output (the `quantize` pass) keeps
     /// a plain matmul's workgroups, and the last workgroup of each 32-row
     /// block quantizes it (matmul_vec QLAST), instead of workgroups that
@@ -227,21 +223,6 @@ impl FuseOptions {
                 Ok(v) => Err(crate::error::Error::Input(format!(
                     "KILN_QLAST={v}: give 1 (on) or 0 (off)"
                 ))),
-            },
-        }
-    }
-
-    /// The chain length asked for (`chain`, else `KILN_CHAIN`, else 0).
-    pub fn chain_limit(&self) -> Result<usize, crate::error::Error> {
-        match self.chain {
-            Some(n) => Ok(n),
-            None => match std::env::var("KILN_CHAIN") {
-                Ok(v) => v.trim().parse().map_err(|_| {
-                    crate::error::Error::Input(format!(
-                        "KILN_CHAIN={v}: not a number of launches (0 turns chaining off)"
-                    ))
-                }),
-                Err(_) => Ok(0),
             },
         }
     }
@@ -273,7 +254,6 @@ impl FuseOptions {
             quantize_every_dtype: false,
             merge_int8_apart: false,
             knob_pins: None,
-            chain: Some(0),
             qout_last: None,
         }
     }

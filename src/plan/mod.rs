@@ -252,11 +252,6 @@ pub struct Plan {
     /// a matmul stored after its output).
     #[serde(default)]
     pub extra: Vec<(usize, u64)>,
-    /// Up to how many consecutive launches the executor runs as the stages
-    /// of one dispatch where their kernels allow ([`codegen::chain`];
-    /// decode only; 0: none).
-    #[serde(default)]
-    pub chain: usize,
     /// Words of [`Buf::Counters`] the launches need.
     #[serde(default)]
     pub counters: u64,
@@ -784,11 +779,6 @@ pub fn plan_with(
         groups,
         extra,
         counters: b.counters,
-        chain: if bucket == Bucket::One {
-            opts.chain_limit()?
-        } else {
-            0
-        },
     })
 }
 
