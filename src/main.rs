@@ -812,10 +812,10 @@ fn bench(
         prefill,
         prefill_s
     );
-    let [_, p] = b.plans();
+    let [d, p] = b.plans();
     println!(
         "dispatches/step    decode {} (+1 greedy argmax), prefill {}",
-        b.dispatches_per_decode_step(),
+        d.dispatches(),
         p.dispatches()
     );
     // The other roof: what a step's chain of dependent dispatches costs
@@ -825,7 +825,7 @@ fn bench(
             "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch; decode step chain {:.3} ms",
             one * 1e6,
             wide * 1e6,
-            (b.dispatches_per_decode_step() + 1) as f64 * wide * 1e3
+            (d.dispatches() + 1) as f64 * wide * 1e3
         );
     }
     let us = |d: std::time::Duration| d.as_secs_f64() * 1e6 / times.steps.max(1) as f64;
@@ -914,7 +914,7 @@ fn bench(
             name,
             each.join(" "),
             weight_bytes as f64 * best / roof * 100.0,
-            v.dispatches_per_decode_step(),
+            v.plans()[0].dispatches(),
             decode_variants(v).difference(&default).count()
         );
     }

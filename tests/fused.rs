@@ -20,6 +20,11 @@ use kiln::plan::{FuseOptions, Group, PASSES};
 use kiln::reference::{Logits, Reference};
 use kiln::session::Backend;
 
+/// Kernel `k`'s value of knob `name` ("" where it has none).
+fn knob<'a>(k: &'a kiln::plan::KernelRef, name: &str) -> &'a str {
+    k.knobs.get(name).map_or("", String::as_str)
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     if a.iter().any(|v| !v.is_finite()) {
@@ -95,10 +100,7 @@ fn gpu_run(
     } else {
         assert_eq!(splits, 1, "{opts:?}");
     }
-    let int8 = gpu.plans()[0]
-        .kernels
-        .iter()
-        .any(|k| k.knobs.get("XQ").is_some_and(|v| v == "1"));
+    let int8 = gpu.plans()[0].kernels.iter().any(|k| knob(k, "XQ") == "1");
     assert_eq!(
         int8,
         opts.stage_up_to_k == Some(0) && !opts.f32_activations,
@@ -108,14 +110,14 @@ fn gpu_run(
     // memory by the reader's prologue (XQ with XS), not by quantize_rows
     // (the tiny models' rows are at most a word per invocation).
     if int8 && in_prologue > 0 {
-        let staged = gpu.plans()[0].kernels.iter().any(|k| {
-            k.knobs.get("XQ").is_some_and(|v| v == "1")
-                && k.knobs.get("XS").is_some_and(|v| v != "0")
-        });
+        let staged = gpu.plans()[0]
+            .kernels
+            .iter()
+            .any(|k| knob(k, "XQ") == "1" && !matches!(knob(k, "XS"), "0" | ""));
         let merged_apart = gpu.plans()[0]
             .kernels
             .iter()
-            .any(|k| k.knobs.get("MERGE").is_some_and(|v| v == "1"));
+            .any(|k| knob(k, "MERGE") == "1");
         assert_eq!(
             (staged, merged_apart),
             (!opts.merge_int8_apart, opts.merge_int8_apart),
@@ -126,7 +128,7 @@ fn gpu_run(
     let qout = gpu.plans()[0]
         .kernels
         .iter()
-        .filter(|k| k.knobs.get("QOUT").is_some_and(|v| v == "1"))
+        .filter(|k| knob(k, "QOUT") == "1")
         .count();
     // (Gemma 3 has none: its projections' outputs go through a norm
     // before the residual add, and its down projection reads f32 rows.)
@@ -148,15 +150,12 @@ fn gpu_run(
     let last = gpu.plans()[0]
         .kernels
         .iter()
-        .filter(|k| k.knobs.get("QLAST").is_some_and(|v| v == "1"))
+        .filter(|k| knob(k, "QLAST") == "1")
         .count();
     let staged = gpu.plans()[0]
         .kernels
         .iter()
-        .filter(|k| {
-            k.knobs.get("QOUT").is_some_and(|v| v == "1")
-                && k.knobs.get("XS").is_some_and(|v| v != "0")
-        })
+        .filter(|k| knob(k, "QOUT") == "1" && !matches!(knob(k, "XS"), "0" | ""))
         .count();
     let on = opts.qout_last == Some(true);
     assert_eq!(
@@ -267,62 +266,44 @@ fn every_feature_set_and_pass(arch: &str, layers: u64) {
             e_cpu < INT8_TOL && e_un < INT8_TOL,
             "{arch} {req:?} int8 inputs: relative L2 {e_cpu} vs CPU, {e_un} vs unfused"
         );
-        // The same with every int8 row made by a quantize_rows dispatch:
-        // the producers' quantization must give the same numbers (the
-        // same rounding; only the norm's scale is applied at the end).
-        let sep = gpu_run(
-            &ctx,
-            &g,
-            &b,
-            &FuseOptions {
+        // Variants that must give the int8 default's numbers (up to the
+        // summation order), each against it.
+        let same = |what: &str, opts: FuseOptions| {
+            let e = worst(&got, &gpu_run(&ctx, &g, &b, &opts));
+            eprintln!("{arch} {req:?} int8 inputs, {what}: rel L2 {e:e} to the default");
+            assert!(
+                e < 1e-3,
+                "{arch} {req:?} int8 inputs, {what}: relative L2 {e}"
+            );
+        };
+        // Every int8 row made by a quantize_rows dispatch: the producers'
+        // quantization must give the same numbers (the same rounding; only
+        // the norm's scale is applied at the end).
+        same(
+            "quantize pass off (rows by quantize_rows, not their producers)",
+            FuseOptions {
                 disabled: vec!["quantize".into()],
                 ..opts.clone()
             },
         );
-        let e_sep = worst(&got, &sep);
-        eprintln!("{arch} {req:?} int8 inputs, quantize pass off: rel L2 {e_sep:e} to it on");
-        assert!(
-            e_sep < 1e-3,
-            "{arch} {req:?} int8 rows by their producers vs by quantize_rows: relative L2 {e_sep}"
-        );
         // The producers' quantization by the last workgroup of each block
         // (QLAST, plain matmul workgroups; then pairs of every dtype
-        // quantize too): the same numbers up to the summation order.
-        let last = gpu_run(
-            &ctx,
-            &g,
-            &b,
-            &FuseOptions {
+        // quantize too).
+        same(
+            "QLAST (not workgroups owning blocks)",
+            FuseOptions {
                 qout_last: Some(true),
                 ..opts.clone()
             },
         );
-        let e_last = worst(&got, &last);
-        eprintln!(
-            "{arch} {req:?} int8 inputs, QLAST: rel L2 {e_last:e} to blocks owned by workgroups"
-        );
-        assert!(
-            e_last < 1e-3,
-            "{arch} {req:?} QLAST vs workgroups owning blocks: relative L2 {e_last}"
-        );
-        // And the split attention's merge by a quantize_rows dispatch
-        // instead of in the reader's prologue (what narrow readers get).
-        let apart = gpu_run(
-            &ctx,
-            &g,
-            &b,
-            &FuseOptions {
+        // The split attention's merge by a quantize_rows dispatch instead
+        // of in the reader's prologue (what narrow readers get).
+        same(
+            "merges apart (by quantize_rows, not in the int8 prologue)",
+            FuseOptions {
                 merge_int8_apart: true,
                 ..opts.clone()
             },
-        );
-        let e_apart = worst(&got, &apart);
-        eprintln!(
-            "{arch} {req:?} int8 inputs, merges apart: rel L2 {e_apart:e} to in the prologue"
-        );
-        assert!(
-            e_apart < 1e-3,
-            "{arch} {req:?} merges in the int8 prologue vs by quantize_rows: relative L2 {e_apart}"
         );
         for (what, opts) in configs {
             let got = gpu_run(&ctx, &g, &b, &opts);
