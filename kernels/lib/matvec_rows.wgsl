@@ -175,8 +175,8 @@ fn xq_runs(e0: u32, e1: u32) -> XP {
     let r = xq_word4(e1);
     let d = vec2<f32>(xq_d(e0), xq_d(e1));
     let s = vec2<f32>(
-        xq_sum(q.x, d.x) + xq_sum(q.y, d.x) + xq_sum(q.z, d.x) + xq_sum(q.w, d.x),
-        xq_sum(r.x, d.y) + xq_sum(r.y, d.y) + xq_sum(r.z, d.y) + xq_sum(r.w, d.y),
+        xq_sum4(q, d.x),
+        xq_sum4(r, d.y),
     );
     return XP(q, r, vec4<f32>(d, 0.0, 0.0), vec4<f32>(s, 0.0, 0.0));
 }
@@ -191,7 +191,7 @@ fn xq_piece(pi: u32) -> XP {
     let e = (pi / 2u) * 32u + (pi % 2u) * 8u;
     let q = vec4<u32>(xq_word(e), xq_word(e + 4u), xq_word(e + 16u), xq_word(e + 20u));
     let d = xq_d(e);
-    let s = xq_sum(q.x, d) + xq_sum(q.y, d) + xq_sum(q.z, d) + xq_sum(q.w, d);
+    let s = xq_sum4(q, d);
     return XP(q, vec4<u32>(0u), vec4<f32>(d), vec4<f32>(s));
 }
 
@@ -200,7 +200,7 @@ fn xq_piece(pi: u32) -> XP {
 fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let b = row + (pi / 2u) * 18u;
     let w = load_u64(b + 2u + (pi % 2u) * 8u);
-    return scale_at(b) * (xp.d.x * f32(dot_nibbles(w.x, w.y, xp.q)) - 8.0 * xp.s.x);
+    return scale_at(b) * (xp.d.x * i2f(dot_nibbles(w.x, w.y, xp.q)) - 8.0 * xp.s.x);
 }
 #else
 // 20-byte blocks (d, m, 16 nibble bytes; word-aligned): Σ (d·n + m)·q·dx.
@@ -208,7 +208,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let bw = (row + (pi / 2u) * 20u) >> 2u;
     let qw = bw + 1u + (pi % 2u) * 2u;
     let dm = scales2(load_word(bw));
-    return dm.x * xp.d.x * f32(dot_nibbles(load_word(qw), load_word(qw + 1u), xp.q)) + dm.y * xp.s.x;
+    return dm.x * xp.d.x * i2f(dot_nibbles(load_word(qw), load_word(qw + 1u), xp.q)) + dm.y * xp.s.x;
 }
 #endif
 #elif DTYPE == 'Q4_0X'
@@ -225,7 +225,7 @@ fn xq_piece(pi: u32) -> XP {
     let one = 0x01010101u;
     let n = ((dot4I8Packed(q.x, one) + dot4I8Packed(q.y, one)) + (dot4I8Packed(q.z, one) + dot4I8Packed(q.w, one)))
         + ((dot4I8Packed(r.x, one) + dot4I8Packed(r.y, one)) + (dot4I8Packed(r.z, one) + dot4I8Packed(r.w, one)));
-    return XP(q, r, vec4<f32>(d), vec4<f32>(d * f32(n)));
+    return XP(q, r, vec4<f32>(d), vec4<f32>(d * i2f(n)));
 }
 
 // d · Σ (n − 8)·q·dx.
@@ -238,7 +238,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let hi = (w >> vec4<u32>(4u)) & m4;
     let s = ((dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w)))
         + ((dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w)));
-    return scale_at(sb + 128u + 2u * t) * (xp.d.x * f32(s) - 8.0 * xp.s.x);
+    return scale_at(sb + 128u + 2u * t) * (xp.d.x * i2f(s) - 8.0 * xp.s.x);
 }
 #elif DTYPE == 'Q8_0'
 // Piece p: elements 8j..8j+8 (j = p % 4) of block p / 4.
@@ -253,7 +253,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let b = row + (pi / 4u) * 34u;
     let w = load_u64(b + 2u + (pi % 4u) * 8u);
     let s = dot4I8Packed(w.x, xp.q.x) + dot4I8Packed(w.y, xp.q.y);
-    return scale_at(b) * xp.d.x * f32(s);
+    return scale_at(b) * xp.d.x * i2f(s);
 }
 #elif DTYPE == 'Q4_K'
 // Piece p: words 4t..4t+4 (t = p % 2) of sub-block pair i = (p / 2) % 4 of
@@ -267,22 +267,18 @@ fn xq_piece(pi: u32) -> XP {
 }
 
 // (sc, m) of sub-blocks 2i and 2i + 1 from the 12 scale bytes (words
-// s0 s1 s2), as scale_min_k4 unpacks them.
+// s0 s1 s2), as scale_min_k4 unpacks them, without branches (i differs
+// between neighbouring invocations) and without int→float conversions:
+// the four 6-bit fields are gathered as the bytes of one word.
 fn k4_pair(s0: u32, s1: u32, s2: u32, i: u32) -> vec4<f32> {
     let sh = 16u * (i % 2u);
-    let a = (s0 >> sh) & 0xffffu;
-    let m = (s1 >> sh) & 0xffffu;
-    var sc: vec2<u32>;
-    var mn: vec2<u32>;
-    if i < 2u {
-        sc = vec2<u32>(a & 63u, (a >> 8u) & 63u);
-        mn = vec2<u32>(m & 63u, (m >> 8u) & 63u);
-    } else {
-        let c = (s2 >> sh) & 0xffffu;
-        sc = vec2<u32>((c & 15u) | ((a >> 2u) & 0x30u), ((c >> 8u) & 15u) | ((a >> 10u) & 0x30u));
-        mn = vec2<u32>(((c >> 4u) & 15u) | ((m >> 2u) & 0x30u), ((c >> 12u) & 15u) | ((m >> 10u) & 0x30u));
-    }
-    return vec4<f32>(vec2<f32>(sc), vec2<f32>(mn));
+    // Bytes sc(2i) sc(2i+1) m(2i) m(2i+1) of the first eight, and for
+    // i >= 2 their top two bits (bits 4-5 of each byte after the shift).
+    let am = ((s0 >> sh) & 0xffffu) | (((s1 >> sh) & 0xffffu) << 16u);
+    let c = (s2 >> sh) & 0xffffu;
+    let hi = (c & 0x0f0fu) | (((c >> 4u) & 0x0f0fu) << 16u) | ((am >> 2u) & 0x30303030u);
+    let v = select(hi, am & 0x3f3f3f3fu, i < 2u);
+    return u2f4((vec4<u32>(v) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(0xffu));
 }
 
 // A super-block is nine aligned 16-byte vectors (load_vec4): d, dmin and
@@ -293,13 +289,11 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let hd = load_vec4(bv);
     let w = load_vec4(bv + 1u + i * 2u + pi % 2u);
     let m4 = vec4<u32>(0x0f0f0f0fu);
-    let lo = w & m4;
-    let hi = (w >> vec4<u32>(4u)) & m4;
-    let slo = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w));
-    let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
+    let slo = dot16(w & m4, xp.q);
+    let shi = dot16((w >> vec4<u32>(4u)) & m4, xp.r);
     let dm = scales2(hd.x);
     let sm = k4_pair(hd.y, hd.z, hd.w, i);
-    return dm.x * (sm.x * xp.d.x * f32(slo) + sm.y * xp.d.y * f32(shi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
+    return dm.x * (sm.x * xp.d.x * i2f(slo) + sm.y * xp.d.y * i2f(shi)) - dm.y * (sm.z * xp.s.x + sm.w * xp.s.y);
 }
 #elif DTYPE == 'Q6_K'
 // Piece p: bytes l..l+4 (l = 4 (p % 8)) of half h = (p / 8) % 2 of
@@ -369,8 +363,8 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
     // The halves' int8 scales: byte l / 16 of words 2h and 2h + 1.
     let sw = select(sv.xy, sv.zw, h == 1u) << vec2<u32>(24u - 8u * (l / 16u));
-    let sc = vec2<f32>(bitcast<vec2<i32>>(sw) >> vec2<u32>(24u));
-    return scale_at(g + 1664u + 2u * t) * (sc.x * (xp.d.x * f32(slo) - 32.0 * xp.s.x) + sc.y * (xp.d.y * f32(shi) - 32.0 * xp.s.y));
+    let sc = vec2<f32>(i2f(bitcast<i32>(sw.x) >> 24u), i2f(bitcast<i32>(sw.y) >> 24u));
+    return scale_at(g + 1664u + 2u * t) * (sc.x * (xp.d.x * i2f(slo) - 32.0 * xp.s.x) + sc.y * (xp.d.y * i2f(shi) - 32.0 * xp.s.y));
 }
 #endif
 
