@@ -56,6 +56,26 @@ fn dtypes(g: &Gguf) -> Vec<(String, String, usize)> {
         .collect()
 }
 
+/// K-quant blocks with mins get a real quantizer's centered weights:
+/// random 6-bit mins made every weight of a sub-block lean the same way,
+/// and the 8B Q4_K_M synth's activations overflowed (docs/PERF.md, stop 22).
+#[test]
+fn synth_k_quant_weights_are_centered() {
+    use kiln::model::dtype::DType;
+    for dt in [DType::Q4_K, DType::Q5_K] {
+        let n = 256 * 512;
+        let mut rng = 7u64;
+        let bytes = synth::random_data(dt, n as u64, 0.0, &mut rng).unwrap();
+        let w = kiln::model::dequant::dequantize(dt, &bytes, n).unwrap();
+        let mean = w.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64;
+        let rms = (w.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / n as f64).sqrt();
+        assert!(
+            rms > 1e-4 && mean.abs() < 0.05 * rms,
+            "{dt}: mean {mean} against rms {rms}"
+        );
+    }
+}
+
 #[test]
 fn builtin_mixes_set_every_matrix() {
     let s = tiny();

@@ -394,9 +394,38 @@ pub fn random_data(dtype: DType, n: u64, center: f32, rng: &mut u64) -> Result<V
                     let sc = half::f16::from_f32(0.001 + (xorshift(&mut s) % 1000) as f32 * 1e-6);
                     block[o..o + 2].copy_from_slice(&sc.to_le_bytes());
                 }
+                center_k_mins(dtype, block, xorshift(&mut s));
             }
         });
     Ok(out)
+}
+
+/// Give a Q4_K or Q5_K super-block (random bytes, finite scales) mins
+/// that center its weights, as a real quantizer's do: w = d·sc·q − dmin·m
+/// with random 6-bit sc and m biases every weight by about d·7.5·sc, and
+/// a model of such rows sums it coherently until its activations
+/// overflow. Here dmin = d, sc is 1..=8 (Q5_K: 1..=4) from `bits`, and m
+/// is sc times the middle of q's range, so each sub-block's weights are
+/// d·sc·(q − mid). Other dtypes are left as they are.
+fn center_k_mins(dtype: DType, block: &mut [u8], bits: u64) {
+    let (max_sc, mid2) = match dtype {
+        DType::Q4_K => (8u64, 15u64),
+        DType::Q5_K => (4, 31),
+        _ => return,
+    };
+    let (d0, d1) = (block[0], block[1]);
+    block[2] = d0;
+    block[3] = d1;
+    let sc: [u8; 8] = std::array::from_fn(|j| (1 + (bits >> (4 * j)) % max_sc) as u8);
+    // (m = round(sc · mid2 / 2) ≤ 62: a 6-bit field.)
+    let m: [u8; 8] = std::array::from_fn(|j| (u64::from(sc[j]) * mid2).div_ceil(2) as u8);
+    // The 12 scale bytes as llama.cpp's get_scale_min_k4 reads them.
+    let q = &mut block[4..16];
+    for j in 0..4 {
+        q[j] = sc[j] | ((sc[j + 4] >> 4) << 6);
+        q[j + 4] = m[j] | ((m[j + 4] >> 4) << 6);
+        q[j + 8] = (sc[j + 4] & 15) | ((m[j + 4] & 15) << 4);
+    }
 }
 
 /// The GGUF type id of a metadata value.
