@@ -222,9 +222,8 @@ fn xq_piece(pi: u32) -> XP {
     let q = xq_word4(e);
     let r = xq_word4(e + 16u);
     let d = xq_d(e);
-    let one = 0x01010101u;
-    let n = ((dot4I8Packed(q.x, one) + dot4I8Packed(q.y, one)) + (dot4I8Packed(q.z, one) + dot4I8Packed(q.w, one)))
-        + ((dot4I8Packed(r.x, one) + dot4I8Packed(r.y, one)) + (dot4I8Packed(r.z, one) + dot4I8Packed(r.w, one)));
+    let one = vec4<u32>(0x01010101u);
+    let n = dot16(q, one) + dot16(r, one);
     return XP(q, r, vec4<f32>(d), vec4<f32>(d * i2f(n)));
 }
 
@@ -236,8 +235,7 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let m4 = vec4<u32>(0x0f0f0f0fu);
     let lo = w & m4;
     let hi = (w >> vec4<u32>(4u)) & m4;
-    let s = ((dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w)))
-        + ((dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w)));
+    let s = dot16(lo, xp.q) + dot16(hi, xp.r);
     return scale_at(sb + 128u + 2u * t) * (xp.d.x * i2f(s) - 8.0 * xp.s.x);
 }
 #elif DTYPE == 'Q8_0'
@@ -359,8 +357,8 @@ fn dotq(row: u32, pi: u32, xp: XP) -> f32 {
     let m2 = vec4<u32>(0x03030303u);
     let lo = (w & m4) | (((hb >> hsh) & m2) << vec4<u32>(4u));
     let hi = ((w >> vec4<u32>(4u)) & m4) | (((hb >> (hsh + vec4<u32>(4u))) & m2) << vec4<u32>(4u));
-    let slo = (dot4I8Packed(lo.x, xp.q.x) + dot4I8Packed(lo.y, xp.q.y)) + (dot4I8Packed(lo.z, xp.q.z) + dot4I8Packed(lo.w, xp.q.w));
-    let shi = (dot4I8Packed(hi.x, xp.r.x) + dot4I8Packed(hi.y, xp.r.y)) + (dot4I8Packed(hi.z, xp.r.z) + dot4I8Packed(hi.w, xp.r.w));
+    let slo = dot16(lo, xp.q);
+    let shi = dot16(hi, xp.r);
     // The halves' int8 scales: byte l / 16 of words 2h and 2h + 1.
     let sw = select(sv.xy, sv.zw, h == 1u) << vec2<u32>(24u - 8u * (l / 16u));
     let sc = vec2<f32>(i2f(bitcast<i32>(sw.x) >> 24u), i2f(bitcast<i32>(sw.y) >> 24u));

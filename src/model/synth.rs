@@ -394,7 +394,7 @@ pub fn random_data(dtype: DType, n: u64, center: f32, rng: &mut u64) -> Result<V
                     let sc = half::f16::from_f32(0.001 + (xorshift(&mut s) % 1000) as f32 * 1e-6);
                     block[o..o + 2].copy_from_slice(&sc.to_le_bytes());
                 }
-                center_k_mins(dtype, block, xorshift(&mut s));
+                center_k_mins(dtype, block, &mut s);
             }
         });
     Ok(out)
@@ -404,15 +404,17 @@ pub fn random_data(dtype: DType, n: u64, center: f32, rng: &mut u64) -> Result<V
 /// that center its weights, as a real quantizer's do: w = d·sc·q − dmin·m
 /// with random 6-bit sc and m biases every weight by about d·7.5·sc, and
 /// a model of such rows sums it coherently until its activations
-/// overflow. Here dmin = d, sc is 1..=8 (Q5_K: 1..=4) from `bits`, and m
-/// is sc times the middle of q's range, so each sub-block's weights are
-/// d·sc·(q − mid). Other dtypes are left as they are.
-fn center_k_mins(dtype: DType, block: &mut [u8], bits: u64) {
+/// overflow. Here dmin = d, sc is 1..=8 (Q5_K: 1..=4) from the xorshift
+/// state `s`, and m is sc times the middle of q's range, so each
+/// sub-block's weights are d·sc·(q − mid). Other dtypes are left as they
+/// are, and their random stream untouched.
+fn center_k_mins(dtype: DType, block: &mut [u8], s: &mut u64) {
     let (max_sc, mid2) = match dtype {
         DType::Q4_K => (8u64, 15u64),
         DType::Q5_K => (4, 31),
         _ => return,
     };
+    let bits = xorshift(s);
     let (d0, d1) = (block[0], block[1]);
     block[2] = d0;
     block[3] = d1;
