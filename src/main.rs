@@ -132,6 +132,11 @@ enum Cmd {
             conflicts_with = "prompt"
         )]
         tokens: Option<Vec<u32>>,
+        /// With --verify-replay: print every compared tensor's relative L2
+        /// error in graph order (all N steps, past a mismatch too), to see
+        /// where a difference starts and how it grows with depth.
+        #[arg(long, requires = "verify_replay")]
+        print_errors: bool,
         /// The prompt.
         #[arg(required_unless_present = "tokens")]
         prompt: Option<String>,
@@ -180,7 +185,9 @@ enum Cmd {
         /// Also time the decode with these knob pins (`KILN_KNOBS` syntax,
         /// e.g. `matmul_vec.WG=64,ROWS=2`; `splits=N` for N splits of
         /// every decode attention, `qlast=1` for matmuls quantizing their
-        /// output by the last workgroup of each block; repeatable): each
+        /// output by the last workgroup of each block, `qevery=1` for every
+        /// int8 producer quantizing its own output, pairs of any dtype
+        /// included; repeatable): each
         /// is planned and loaded beside the default, and the decode timings of all run
         /// interleaved, --rounds times, in this one process.
         #[arg(long = "try", value_name = "PINS")]
@@ -338,6 +345,7 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             verify_replay,
             tokens,
+            print_errors,
             prompt,
         } => {
             if let Some(steps) = verify_replay {
@@ -364,7 +372,15 @@ fn run(cli: Cli) -> Result<()> {
                     &ids,
                     steps,
                     &m.fusion()?,
+                    print_errors,
                 )?;
+                if print_errors {
+                    println!("step  tensor  relative L2 error (fused against unfused)");
+                    for (step, name, e) in &r.errors {
+                        let flag = if *e > r.tol { "  > tolerance" } else { "" };
+                        println!("{step:4}  {name}  {e:.3e}{flag}");
+                    }
+                }
                 return match r.first {
                     None => {
                         let worst = if r.worst.0 > 0.0 {
@@ -681,8 +697,9 @@ fn inspect(path: &Path) -> Result<()> {
 }
 
 /// The plan options of a `--try`: knob pins, where an item `splits=N`
-/// sets every decode attention's split count and `qlast=1`
-/// [`kiln::plan::FuseOptions::qout_last`] instead
+/// sets every decode attention's split count, `qlast=1`
+/// [`kiln::plan::FuseOptions::qout_last`] and `qevery=1`
+/// [`kiln::plan::FuseOptions::quantize_every_dtype`] instead
 /// (`matmul_vec.WG=256,splits=4`).
 fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
     let mut opts = m.fusion()?;
@@ -699,6 +716,12 @@ fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
                 "0" => false,
                 _ => return Err(Error::Input(format!("--try {spec}: qlast is 0 or 1"))),
             });
+        } else if let Some(v) = item.strip_prefix("qevery=") {
+            opts.quantize_every_dtype = match v {
+                "1" => true,
+                "0" => false,
+                _ => return Err(Error::Input(format!("--try {spec}: qevery is 0 or 1"))),
+            };
         } else if let Some(n) = item.strip_prefix("splits=") {
             let n = number(n, "splits")?;
             if !n.is_power_of_two() || n > 32 {

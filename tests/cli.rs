@@ -150,6 +150,38 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
         tensors_compared(&replay) >= 4 * 4,
         "run --verify-replay printed: {replay}"
     );
+    // --print-errors lists every comparison the count above made, each
+    // with its error (within tolerance here).
+    let listed = ok(
+        &mut on_model(&[
+            "run",
+            "--verify-replay",
+            "2",
+            "--tokens",
+            "1,2,3",
+            "--print-errors",
+        ]),
+        "run --verify-replay --print-errors",
+    );
+    let errors: Vec<f64> = listed
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() == 3 && w[0].parse::<usize>().is_ok())
+                .then(|| w[2].parse::<f64>().expect("an error value"))
+        })
+        .collect();
+    assert!(
+        listed.starts_with("step  tensor") && !errors.is_empty(),
+        "{listed}"
+    );
+    assert_eq!(errors.len(), tensors_compared(&listed), "{listed}");
+    assert!(errors.iter().all(|e| (0.0..5e-2).contains(e)), "{listed}");
+    let err = fails(
+        &mut on_model(&["run", "--tokens", "1,2", "--print-errors"]),
+        "run --print-errors without --verify-replay",
+    );
+    assert!(err.contains("--verify-replay"), "{err}");
     // An id past the vocabulary is named, not a panic.
     let err = fails(
         &mut on_model(&["run", "--verify-replay", "2", "--tokens", "1,99999999"]),
@@ -211,6 +243,8 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
             && err.contains("matmul_vec@rmsnorm+matmul2+unary_mul"),
         "{err}"
     );
+    let err = fails(&mut bench_try("qevery=2"), "bench --try qevery=2");
+    assert!(err.contains("qevery is 0 or 1"), "{err}");
     let err = fails(
         &mut bench_try("matmul_vec.WG=7"),
         "bench --try with an unlisted value",

@@ -37,9 +37,14 @@ pub struct Report {
     pub tol: f64,
     /// The first value beyond tolerance, if any.
     pub first: Option<Mismatch>,
+    /// Every comparison in order: (step, value name, relative L2 error).
+    /// With `keep_going` these run to the last step; else to the end of
+    /// the step with the first mismatch.
+    pub errors: Vec<(usize, String, f64)>,
 }
 
-/// Run `prompt` then `n` greedy decode steps with `fuse` and unfused.
+/// Run `prompt` then `n` greedy decode steps with `fuse` and unfused;
+/// stop after the step with the first mismatch unless `keep_going`.
 pub fn verify_replay(
     ctx: &GpuContext,
     g: &BoundGraph,
@@ -47,6 +52,7 @@ pub fn verify_replay(
     prompt: &[u32],
     n: usize,
     fuse: &FuseOptions,
+    keep_going: bool,
 ) -> Result<Report> {
     let n_ctx = prompt.len() + n + 1;
     let mut a = GpuBackend::with_fusion(ctx, g, gguf, n_ctx, false, fuse)?;
@@ -72,6 +78,7 @@ pub fn verify_replay(
         worst: (0.0, String::new()),
         tol,
         first: None,
+        errors: Vec::new(),
     };
     a.forward_greedy(prompt)?;
     let mut next = b.forward_greedy(prompt)?;
@@ -88,6 +95,7 @@ pub fn verify_replay(
             };
             let e = rel_l2(&x, &y);
             report.compared += 1;
+            report.errors.push((step, desc.name.clone(), e));
             if e > report.worst.0 {
                 report.worst = (e, desc.name.clone());
             }
@@ -99,7 +107,7 @@ pub fn verify_replay(
                 });
             }
         }
-        if report.first.is_some() {
+        if report.first.is_some() && !keep_going {
             break;
         }
         next = tb;

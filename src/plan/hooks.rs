@@ -567,15 +567,57 @@ fn int8_shape(
 ) -> (u32, usize) {
     let piece = dts.iter().filter_map(|d| int8_piece(d)).max().unwrap_or(8);
     let row = ws.iter().map(|&w| weights[w].row_bytes).max().unwrap_or(0);
+    // Workgroups owning whole 32-row blocks (QOUT without QLAST, or QLAST
+    // where the prologue stages a merged row, which needs them as wide).
+    let block_owning = qout && !(b.qout_last && stage == 0);
+    let (wg, rows) = base_shape(dts, row, n_rows, k, piece, pair, block_owning);
+    // (QLAST keeps these; not where the prologue stages a merged row,
+    // which needs a workgroup as wide as a block-owning one.)
+    if !block_owning {
+        return (wg, rows);
+    }
+    let staged_words = (stage / 4 + stage / 32) as u32;
+    block_owning_shape(wg, rows, k / piece, pair, staged_words, &b.caps)
+}
+
+/// The workgroup width and rows a workgroup of an int8 matmul group of
+/// layouts `dts` (`row_bytes` and `piece` the largest of theirs), `n_rows`
+/// output rows of `k`; for a `block_owning` one (QOUT), the width of its
+/// teams, before [`block_owning_shape`].
+fn base_shape(
+    dts: &[String],
+    row_bytes: usize,
+    n_rows: usize,
+    k: usize,
+    piece: usize,
+    pair: bool,
+    block_owning: bool,
+) -> (u32, usize) {
     // Re-laid weights (Q4_0X, Q6_KX): each piece aligned vectors (see
     // aligned_workgroup).
     let relaid = dts
         .iter()
         .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
-    let wg = if relaid {
-        aligned_workgroup(n_rows)
+    // A block-owning pair takes the re-laid rule too: 32-wide teams for
+    // the 8B gate/up (3584 row groups). H100, Llama-3-8B Q4_K_M, the Q4_K
+    // pair quantizing its output (PERF stop 23): teams of 32 (256
+    // invocations) 306.7 -> 314.3 tok/s against the plain pair and a
+    // quantize_rows dispatch, teams of 64 308.9, of 128 (1024) 49% slower
+    // (stop 16).
+    // Sibling matmuls with a Q4_K weight (a Q4_K_M QKV) run two rows a
+    // workgroup and the re-laid rule's width at that count: 32 wide for
+    // the 8B QKV (3072 workgroups). H100 (PERF stop 23): 8B Q4_K_M 327.8 ->
+    // 337.3 tok/s (before: 128 wide, four rows, two beside a Q6_KX V; 64
+    // wide 334.9, 128 wide with two rows 331.8), Qwen2.5-7B Q4_K_M 295.4 ->
+    // 298.1 (64 wide 299.1). Re-laid Q4_0 siblings lose with it (8B Q4_0
+    // 382.0 -> 380.1).
+    let q4k_siblings = !pair && !block_owning && dts.len() > 1 && dts.iter().any(|d| d == "Q4_K");
+    let wg = if q4k_siblings {
+        aligned_workgroup(n_rows, 2)
+    } else if relaid || (pair && block_owning) {
+        aligned_workgroup(n_rows, 4)
     } else {
-        int8_workgroup(row, k, piece)
+        int8_workgroup(row_bytes, k, piece)
     };
     // Q6_K pieces are the heaviest to decode (three words and two scale
     // words a row): two rows a workgroup instead of four. H200, Llama-3-8B
@@ -584,19 +626,33 @@ fn int8_shape(
     // it (Q4_K down 392 -> 412). Re-laid (Q6_KX) a Q6_K matmul of its own
     // is lighter and runs four (down 517 -> 487 µs a step), but a QKV with
     // a Q6_KX V still gains from two (306 -> 281 µs).
-    let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && ws.len() > 1);
-    let rows = if dts.iter().any(q6) { 2 } else { 4 };
-    // (QLAST keeps these; not where the prologue stages a merged row,
-    // which needs a workgroup as wide as a block-owning one.)
-    if !qout || (b.qout_last && stage == 0) {
-        return (wg, rows);
-    }
-    let (team, rows) = balanced_team(k / piece, wg, rows);
-    let staged_words = (stage / 4 + stage / 32) as u32;
-    (
-        qout_workgroup(team, rows, pair, staged_words, &b.caps),
-        rows,
-    )
+    let q6 = |d: &String| d == "Q6_K" || (d == "Q6_KX" && dts.len() > 1);
+    let rows = if q4k_siblings || dts.iter().any(q6) {
+        2
+    } else {
+        4
+    };
+    (wg, rows)
+}
+
+/// The workgroup size and rows of a team of a block-owning matmul
+/// (matmul_vec QOUT) whose teams would be `team` wide with `rows` rows,
+/// over rows of `pieces` pieces: teams as wide as the adapter lets the
+/// workgroup be, then balanced over the pieces (a Q4_K down at K = 14336
+/// asks for 256 but gets 128-wide teams, 3.5 pieces an invocation: 64
+/// wide with two rows instead, H100 Q4_K_M 306.7 -> 308.1 tok/s, PERF
+/// stop 23).
+fn block_owning_shape(
+    team: u32,
+    rows: usize,
+    pieces: usize,
+    pair: bool,
+    staged_words: u32,
+    caps: &crate::codegen::Caps,
+) -> (u32, usize) {
+    let team = qout_workgroup(team, rows, pair, staged_words, caps) / (32 / rows as u32);
+    let (team, rows) = balanced_team(pieces, team, rows);
+    (qout_workgroup(team, rows, pair, staged_words, caps), rows)
 }
 
 /// A QOUT team of `team` invocations with `rows` rows takes a row's
@@ -615,9 +671,10 @@ fn balanced_team(pieces: usize, team: u32, rows: usize) -> (u32, usize) {
 }
 
 /// Workgroup width of an int8 matmul over re-laid weights (Q4_0X, Q6_KX:
-/// each piece aligned vector loads) with `rows` output rows, counted at
-/// ROWS = 4 a workgroup (a group with a Q6_K sibling runs two rows a
-/// workgroup, twice as many; and unlike int8_workgroup the width ignores
+/// each piece aligned vector loads; and Q4_K siblings, see int8_shape)
+/// with `rows` output rows, `per_workgroup` rows a workgroup (counted at
+/// 4 for re-laid weights even where a Q6_K sibling makes it two; and
+/// unlike int8_workgroup the width ignores
 /// K, so at K = 3584 some of 128 invocations have no block: measured fine
 /// on Qwen2.5-7B, not tuned): 32 invocations (one subgroup on NVIDIA, four
 /// pieces each of a 4096 row) where there are at least 2048 workgroups,
@@ -628,8 +685,8 @@ fn balanced_team(pieces: usize, team: u32, rows: usize) -> (u32, usize) {
 /// (6144) 476 / 506 / 469, o-proj (4096) 438 / 465 / 421. Q6_KX alone
 /// (gpu_matmul print_speed, int8, ROWS 4): K=4096 N=128256 3.89 TB/s at
 /// 32 wide against 3.08 at 128; K=14336 N=4096 2.48 at 128, 1.68 at 32.
-fn aligned_workgroup(rows: usize) -> u32 {
-    if rows.div_ceil(4) >= 2048 {
+fn aligned_workgroup(rows: usize, per_workgroup: usize) -> u32 {
+    if rows.div_ceil(per_workgroup) >= 2048 {
         32
     } else {
         128
@@ -813,17 +870,21 @@ pub(crate) fn plan_producer_quantize(
 /// weight re-laid Q4_0 (Q4_0X) Q4_0 decode 332 -> 342 tok/s, Qwen2.5-7B
 /// shape 345 -> 371 (stop 15); in the Q4_K_M mix (Q4_K and Q6_KX
 /// o-projections and downs) 295.0 -> 310.6, the merge prologue taking the
-/// o-projection's quantize_rows too (stop 19). A pair pays only re-laid
-/// Q4_0: a Q4_K pair (gate/up at 1024 invocations) ran 49% slower (1417
-/// -> 2107 µs a step, Q4_K_M decode 291 -> 251 tok/s; with its workgroup
-/// capped at 256 invocations, 8 teams of 32, still 291 -> 272, stop 16)
-/// against ~3 µs saved per quantize_rows dispatch dropped. H100,
+/// o-projection's quantize_rows too (stop 19). A pair pays in layouts
+/// whose pieces are aligned 16-byte loads, with 32-wide teams (8 teams, 256
+/// invocations; see int8_shape): re-laid Q4_0 (Q4_0X), and Q4_K since its
+/// int8 products lost their int→float conversions and branches (stop 22):
+/// 8B Q4_K_M 306.7 -> 314.3 tok/s (stop 23; in stop 16, before those, 291
+/// -> 272). A Q6_K pair (two rows a team) is not measured. H100,
 /// Llama-3-8B shape; docs/PERF.md.
 fn quantize_pays(g: &BoundGraph, ws: &[usize]) -> bool {
     ws.len() == 1
-        || ws
-            .iter()
-            .all(|&w| g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]) == "Q4_0X")
+        || ws.iter().all(|&w| {
+            matches!(
+                g.weights[w].dtype.gpu_layout(g.weights[w].dims[0]).as_str(),
+                "Q4_0X" | "Q4_K"
+            )
+        })
 }
 
 /// matmul_vec's int8 input hooks (xq_in: a word, xq_in4: four) over the
@@ -1203,7 +1264,8 @@ pub(crate) fn extra_elements(g: &BoundGraph, a: &AttnPrep) -> usize {
 #[cfg(test)]
 mod tests {
     use super::{
-        aligned_workgroup, balanced_team, int8_workgroup, qout_workgroup, INT8_DOT_DTYPES,
+        aligned_workgroup, balanced_team, base_shape, block_owning_shape, int8_workgroup,
+        qout_workgroup, INT8_DOT_DTYPES,
     };
 
     /// QOUT teams are halved (with half the rows) only where a row's pieces
@@ -1231,8 +1293,75 @@ mod tests {
             (6144, 128),
             (8188, 128),
         ] {
-            assert_eq!(aligned_workgroup(rows), want, "{rows} rows");
+            assert_eq!(aligned_workgroup(rows, 4), want, "{rows} rows");
+            assert_eq!(
+                aligned_workgroup(rows / 2, 2),
+                want,
+                "{rows} rows, two a group"
+            );
         }
+    }
+
+    /// Shapes of the Llama-3-8B decode's int8 groups (K = 4096).
+    #[test]
+    fn base_shapes_of_the_8b_decode() {
+        let l = |d: &[&str]| d.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let q4k_row = 4096 / 256 * 144;
+        let relaid_row = 4096 / 32 * 18;
+        // A Q4_K_M QKV: two rows, 32 wide (3072 workgroups), with or
+        // without a re-laid Q6_K V.
+        for dts in [l(&["Q4_K", "Q4_K", "Q4_K"]), l(&["Q4_K", "Q4_K", "Q6_KX"])] {
+            assert_eq!(
+                base_shape(&dts, q4k_row, 6144, 4096, 32, false, false),
+                (32, 2)
+            );
+        }
+        // A Q4_0 QKV (re-laid): four rows, 128 wide.
+        let q40 = l(&["Q4_0X", "Q4_0X", "Q4_0X"]);
+        assert_eq!(
+            base_shape(&q40, relaid_row, 6144, 4096, 32, false, false),
+            (128, 4)
+        );
+        // A Q4_K gate/up pair: 32-wide teams where it quantizes its output,
+        // else int8_workgroup's 128.
+        let pair = l(&["Q4_K", "Q4_K"]);
+        assert_eq!(
+            base_shape(&pair, q4k_row, 14336, 4096, 32, true, true),
+            (32, 4)
+        );
+        assert_eq!(
+            base_shape(&pair, q4k_row, 14336, 4096, 32, true, false),
+            (128, 4)
+        );
+        // A Q4_K o-projection alone keeps int8_workgroup's width.
+        assert_eq!(
+            base_shape(&l(&["Q4_K"]), q4k_row, 4096, 4096, 32, false, true),
+            (128, 4)
+        );
+    }
+
+    /// Block-owning shapes of the Llama-3-8B decode (K = 4096 or 14336):
+    /// teams balanced after the adapter's width cap.
+    #[test]
+    fn block_owning_shapes_balance_the_capped_team() {
+        let caps = crate::codegen::Caps {
+            f16: true,
+            subgroups: true,
+            max_invocations: 1024,
+            max_wg_storage: 48 * 1024,
+        };
+        // Q4_K down: 256 asked, capped to 128-wide teams (3.5 of 448
+        // pieces each), balanced to 64 wide with two rows.
+        assert_eq!(block_owning_shape(256, 4, 448, false, 0, &caps), (1024, 2));
+        // Re-laid Q4_0 down: the same from 128.
+        assert_eq!(block_owning_shape(128, 4, 448, false, 0, &caps), (1024, 2));
+        // A gate/up pair from 32-wide teams: 8 teams, 4 pieces each.
+        assert_eq!(block_owning_shape(32, 4, 128, true, 0, &caps), (256, 4));
+        // An o-projection staging its merged int8 row: one piece each.
+        assert_eq!(
+            block_owning_shape(128, 4, 128, false, 1024 + 128, &caps),
+            (1024, 4)
+        );
     }
 
     /// A QOUT workgroup holds 32 / ROWS teams as wide as asked, halved
