@@ -177,6 +177,17 @@ fn plan_and_kernels_take_a_model_without_a_vocabulary() {
     );
     assert_eq!(errors.len(), tensors_compared(&listed), "{listed}");
     assert!(errors.iter().all(|e| (0.0..5e-2).contains(e)), "{listed}");
+    // Knob pins (KILN_KNOBS) apply to the fused plan under test; the
+    // unfused reference has no kernel roles to match them.
+    let pinned = ok(
+        on_model(&["run", "--verify-replay", "2", "--tokens", "1,2,3"])
+            .env("KILN_KNOBS", "matmul_vec@rmsnorm+matmul2+unary_mul.WG=64"),
+        "run --verify-replay with a role pin in KILN_KNOBS",
+    );
+    assert!(
+        pinned.contains("replay verified: 2 decode steps"),
+        "{pinned}"
+    );
     let err = fails(
         &mut on_model(&["run", "--tokens", "1,2", "--print-errors"]),
         "run --print-errors without --verify-replay",

@@ -56,7 +56,14 @@ pub fn verify_replay(
 ) -> Result<Report> {
     let n_ctx = prompt.len() + n + 1;
     let mut a = GpuBackend::with_fusion(ctx, g, gguf, n_ctx, false, fuse)?;
-    let mut b = GpuBackend::with_fusion(ctx, g, gguf, n_ctx, false, &FuseOptions::none())?;
+    // The unfused reference takes no knob pins (not KILN_KNOBS's either):
+    // they are for the plan under test, and a role pin matches no kernel
+    // of an unfused plan.
+    let reference = FuseOptions {
+        knob_pins: Some(String::new()),
+        ..FuseOptions::none()
+    };
+    let mut b = GpuBackend::with_fusion(ctx, g, gguf, n_ctx, false, &reference)?;
     a.keep_values(true);
     b.keep_values(true);
     // Int8 matmul inputs (FuseOptions::f32_activations off, long rows)
