@@ -603,6 +603,17 @@ fn matmul_vec_all_variants() {
                 ("QOUT", "1"),
                 ("QLAST", "1"),
             ],
+            // A Q4_K_M gate/up: a pair beside a Q4_K weight quantizing
+            // its output in block-owning workgroups (planned since stop 23).
+            &[
+                ("DTYPE_B", "Q4_K"),
+                ("DTYPE_C", "NONE"),
+                ("PAIR", "1"),
+                ("XS", "0"),
+                ("NORM", "1"),
+                ("XQ", "1"),
+                ("QOUT", "1"),
+            ],
             // One weight quantizing its output (an o-proj or down with
             // the residual add), with its int8 row made in workgroup
             // memory by the prologue (as an o-proj merging a split
