@@ -191,8 +191,9 @@ pub struct FuseOptions {
     pub f32_activations: bool,
     /// Run the `quantize` pass for producers of every int8-capable dtype,
     /// not only where it pays on the measured GPU (single weights, and
-    /// pairs of re-laid Q4_0 weights: see src/plan/hooks.rs). Tests set it
-    /// to exercise every dtype.
+    /// pairs of re-laid Q4_0 or of Q4_K weights: see src/plan/hooks.rs).
+    /// Tests set it to exercise every dtype; `bench --try qevery=1` times
+    /// it.
     pub quantize_every_dtype: bool,
     /// Merge a split attention's partials for an int8 reader in a
     /// quantize_rows dispatch even where the reader's own prologue could

@@ -611,11 +611,20 @@ fn base_shape(
     // wide 334.9, 128 wide with two rows 331.8), Qwen2.5-7B Q4_K_M 295.4 ->
     // 298.1 (64 wide 299.1). Re-laid Q4_0 siblings lose with it (8B Q4_0
     // 382.0 -> 380.1).
+    // (Narrower where a row has fewer pieces than invocations, down to 32.)
     let q4k_siblings = !pair && !block_owning && dts.len() > 1 && dts.iter().any(|d| d == "Q4_K");
     let wg = if q4k_siblings {
-        aligned_workgroup(n_rows, 2)
-    } else if relaid || (pair && block_owning) {
+        let mut wg = aligned_workgroup(n_rows, 2);
+        while wg > 32 && wg as usize > k / piece {
+            wg /= 2;
+        }
+        wg
+    } else if relaid {
         aligned_workgroup(n_rows, 4)
+    } else if pair && block_owning {
+        // (Whatever the row count: 128-wide teams, 1024 invocations, ran
+        // the 8B Q4_K pair 49% slower, stop 16.)
+        32
     } else {
         int8_workgroup(row_bytes, k, piece)
     };
@@ -1332,6 +1341,18 @@ mod tests {
         assert_eq!(
             base_shape(&pair, q4k_row, 14336, 4096, 32, true, false),
             (128, 4)
+        );
+        // (Also with fewer rows than the 8B's.)
+        assert_eq!(
+            base_shape(&pair, q4k_row, 4096, 4096, 32, true, true),
+            (32, 4)
+        );
+        // Q4_K siblings with fewer pieces a row than the width: narrower
+        // (K = 2560: 80 pieces, 64 wide).
+        let q4k = l(&["Q4_K", "Q4_K", "Q4_K"]);
+        assert_eq!(
+            base_shape(&q4k, 2560 / 256 * 144, 3072, 2560, 32, false, false),
+            (64, 2)
         );
         // A Q4_K o-projection alone keeps int8_workgroup's width.
         assert_eq!(
