@@ -708,20 +708,17 @@ fn try_options(m: &ModelArgs, spec: &str) -> Result<kiln::plan::FuseOptions> {
         n.parse::<usize>()
             .map_err(|_| Error::Input(format!("--try {spec}: {n} is not a number of {what}")))
     };
+    let flag = |v: &str, what: &str| match v {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(Error::Input(format!("--try {spec}: {what} is 0 or 1"))),
+    };
     for item in spec.split(',') {
         let item = item.trim();
         if let Some(v) = item.strip_prefix("qlast=") {
-            opts.qout_last = Some(match v {
-                "1" => true,
-                "0" => false,
-                _ => return Err(Error::Input(format!("--try {spec}: qlast is 0 or 1"))),
-            });
+            opts.qout_last = Some(flag(v, "qlast")?);
         } else if let Some(v) = item.strip_prefix("qevery=") {
-            opts.quantize_every_dtype = match v {
-                "1" => true,
-                "0" => false,
-                _ => return Err(Error::Input(format!("--try {spec}: qevery is 0 or 1"))),
-            };
+            opts.quantize_every_dtype = flag(v, "qevery")?;
         } else if let Some(n) = item.strip_prefix("splits=") {
             let n = number(n, "splits")?;
             if !n.is_power_of_two() || n > 32 {

@@ -419,7 +419,7 @@ fn center_k_mins(dtype: DType, block: &mut [u8], s: &mut u64) {
     block[2] = d0;
     block[3] = d1;
     let sc: [u8; 8] = std::array::from_fn(|j| (1 + (bits >> (4 * j)) % max_sc) as u8);
-    // (m = round(sc · mid2 / 2) ≤ 62: a 6-bit field.)
+    // (m = ⌈sc · mid2 / 2⌉ ≤ 62: a 6-bit field.)
     let m: [u8; 8] = std::array::from_fn(|j| (u64::from(sc[j]) * mid2).div_ceil(2) as u8);
     // The 12 scale bytes as llama.cpp's get_scale_min_k4 reads them.
     let q = &mut block[4..16];

@@ -598,12 +598,6 @@ fn base_shape(
     let relaid = dts
         .iter()
         .any(|d| DType::from_gpu_layout(d).is_some_and(|l| l.1 > 1));
-    // A block-owning pair takes the re-laid rule too: 32-wide teams for
-    // the 8B gate/up (3584 row groups). H100, Llama-3-8B Q4_K_M, the Q4_K
-    // pair quantizing its output (PERF stop 23): teams of 32 (256
-    // invocations) 306.7 -> 314.3 tok/s against the plain pair and a
-    // quantize_rows dispatch, teams of 64 308.9, of 128 (1024) 49% slower
-    // (stop 16).
     // Sibling matmuls with a Q4_K weight (a Q4_K_M QKV) run two rows a
     // workgroup and the re-laid rule's width at that count: 32 wide for
     // the 8B QKV (3072 workgroups). H100 (PERF stop 23): 8B Q4_K_M 327.8 ->
@@ -622,8 +616,11 @@ fn base_shape(
     } else if relaid {
         aligned_workgroup(n_rows, 4)
     } else if pair && block_owning {
-        // (Whatever the row count: 128-wide teams, 1024 invocations, ran
-        // the 8B Q4_K pair 49% slower, stop 16.)
+        // A pair quantizing its output (not re-laid: Q4_K) runs 32-wide
+        // teams whatever its row count. H100, Llama-3-8B Q4_K_M (PERF stop
+        // 23): teams of 32 (256 invocations) 306.7 -> 314.3 tok/s against
+        // the plain pair and a quantize_rows dispatch, teams of 64 308.9,
+        // of 128 (1024 invocations) 49% slower (stop 16).
         32
     } else {
         int8_workgroup(row_bytes, k, piece)
