@@ -755,7 +755,8 @@ fn bench(
     let (gguf, bound) = bind(m)?;
     let ctx = GpuContext::new(&gpu.options()?)?;
     let (roof_bytes, roof) = kiln::exec::bench::read_roof(&ctx, 5)?;
-    let chain = [1u32, 1024].map(|g| kiln::exec::bench::dispatch_cost(&ctx, g, 3));
+    let chain = [(1u32, true), (1024, true), (1024, false)]
+        .map(|(g, dep)| kiln::exec::bench::dispatch_cost(&ctx, g, 3, dep));
     let n_ctx = decode_after
         .checked_add(decode)
         .map(|n| n.max(prefill).saturating_add(2))
@@ -840,11 +841,12 @@ fn bench(
     );
     // The other roof: what a step's chain of dependent dispatches costs
     // even when the kernels do nothing.
-    if let [Ok(one), Ok(wide)] = chain {
+    if let [Ok(one), Ok(wide), Ok(free)] = chain {
         println!(
-            "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch; decode step chain {:.3} ms",
+            "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch ({:.2} µs without the barrier); decode step chain {:.3} ms",
             one * 1e6,
             wide * 1e6,
+            free * 1e6,
             (d.dispatches() + 1) as f64 * wide * 1e3
         );
     }

@@ -447,8 +447,8 @@ fn masked_features_are_really_off_and_errors_do_not_panic() {
 }
 
 /// `kiln bench`'s two roofs run on any adapter: the read roof comes out
-/// finite and positive, the cost of a dependent dispatch finite and not
-/// negative (their values are the GPU's, printed by bench, never asserted).
+/// finite and positive, the cost of a dispatch (dependent or not) finite
+/// and not negative (their values are the GPU's, printed by bench, never asserted).
 #[test]
 fn bench_roofs_measure_on_any_adapter() {
     let ctx = open(FeatureRequest::EVERY[3]);
@@ -458,7 +458,12 @@ fn bench_roofs_measure_on_any_adapter() {
         "read roof {roof}"
     );
     for groups in [1, 4] {
-        let t = kiln::exec::bench::dispatch_cost(&ctx, groups, 1).unwrap();
-        assert!(t.is_finite() && t >= 0.0, "dispatch cost {t} s");
+        for dependent in [true, false] {
+            let t = kiln::exec::bench::dispatch_cost(&ctx, groups, 1, dependent).unwrap();
+            assert!(
+                t.is_finite() && t >= 0.0,
+                "dispatch cost {t} s (dependent: {dependent})"
+            );
+        }
     }
 }

@@ -37,6 +37,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 }
 "#;
 
+/// A kernel with no bindings: consecutive dispatches of it share no
+/// resource, so wgpu puts no barrier between them.
+const FREE_WGSL: &str = r#"
+@compute @workgroup_size(256)
+fn main() {}
+"#;
+
 /// Wait until the GPU has finished everything submitted.
 pub fn finish(ctx: &GpuContext) -> Result<()> {
     ctx.device
@@ -93,23 +100,32 @@ pub fn read_roof(ctx: &GpuContext, reps: usize) -> Result<(u64, f64)> {
 /// pass (what wgpu and the driver add between two kernels: barrier, launch,
 /// drain), for a grid of `groups` workgroups of 256 invocations that do
 /// almost nothing: the best of `reps` runs of 512 dispatches less the best
-/// of `reps` runs of 16, per dispatch. Returns seconds (never negative).
-pub fn dispatch_cost(ctx: &GpuContext, groups: u32, reps: usize) -> Result<f64> {
-    crate::codegen::validate(CHAIN_WGSL, &kernel::caps(ctx)).map_err(Error::Gpu)?;
-    let k = Kernel::from_wgsl(ctx, "dispatch_chain", CHAIN_WGSL.to_string());
-    let y = kernel::storage(
-        ctx,
-        "chain",
-        bytemuck::cast_slice(&vec![0f32; groups as usize + 1]),
-    );
-    let bind = k.bind(ctx, &[&y]);
+/// of `reps` runs of 16, per dispatch. With `dependent` false the kernel
+/// has no bindings, so no barrier separates the dispatches: the
+/// difference is what the barrier costs. Returns seconds (never negative).
+pub fn dispatch_cost(ctx: &GpuContext, groups: u32, reps: usize, dependent: bool) -> Result<f64> {
+    let wgsl = if dependent { CHAIN_WGSL } else { FREE_WGSL };
+    crate::codegen::validate(wgsl, &kernel::caps(ctx)).map_err(Error::Gpu)?;
+    let k = Kernel::from_wgsl(ctx, "dispatch_chain", wgsl.to_string());
+    let bind = if dependent {
+        let y = kernel::storage(
+            ctx,
+            "chain",
+            bytemuck::cast_slice(&vec![0f32; groups as usize + 1]),
+        );
+        Some(k.bind(ctx, &[&y]))
+    } else {
+        None
+    };
     let run = |n: usize| -> Result<f64> {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
             for _ in 0..n {
                 pass.set_pipeline(&k.pipeline);
-                pass.set_bind_group(0, &bind, &[]);
+                if let Some(bind) = &bind {
+                    pass.set_bind_group(0, bind, &[]);
+                }
                 pass.dispatch_workgroups(groups, 1, 1);
             }
         }
