@@ -840,7 +840,8 @@ fn bench(
         p.dispatches()
     );
     // The other roof: what a step's chain of dependent dispatches costs
-    // even when the kernels do nothing.
+    // even when the kernels do nothing, beside the same dispatches without
+    // a barrier between them (the barrier's share).
     if let [Ok(one), Ok(wide), Ok(free)] = chain {
         println!(
             "dispatch cost      {:.2} µs (1 workgroup), {:.2} µs (1024 workgroups) per dependent dispatch ({:.2} µs without the barrier); decode step chain {:.3} ms",
